@@ -1,0 +1,29 @@
+"""Percentile bootstrap confidence intervals for two-sample metrics."""
+
+from typing import Callable
+
+import numpy as np
+
+
+def bootstrap_interval(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    num_resamples: int = 100,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """(low, high) percentiles of `metric` over resamples of both sets, each drawn with replacement."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be positive, got {num_resamples}")
+    a, b = np.asarray(features_a), np.asarray(features_b)
+    rng = np.random.default_rng(seed)
+    values = [
+        metric(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+        for _ in range(num_resamples)
+    ]
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -1,0 +1,122 @@
+"""`gan`: the embedded stack, cluster submission, promotion and sampling."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import typer
+
+from pipelines.stack import stack_app
+
+app = typer.Typer(help="GAN pipeline: dvc repro runs the stages; this command does everything around them.",
+                  no_args_is_help=True, add_completion=False)
+app.add_typer(stack_app, name="stack", help="The embedded S3 endpoint on loopback (moto's server).")
+
+# Forwarded to a cluster job. Secrets are not: cluster nodes use their own credential chain.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
+# Stage outputs stay behind: the job recomputes (or `dvc pull`s) them on the cluster.
+UPLOAD_EXCLUDES = ["/.venv", "/.dvc/cache", "/.dvc/tmp", "/.ray_storage", "/.stack", "/mlartifacts", "/mlflow.db",
+                   "/data", "/models", "/results"]
+
+
+def _model_name(name: str | None) -> str:
+    if name:
+        return name
+    from pipelines.config import load_params
+
+    return load_params().register.model_name
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="model version to promote"),
+    alias: str = typer.Option("champion", help="alias to move"),
+    name: str = typer.Option(None, help="registered model name (default: register.model_name)"),
+    force: bool = typer.Option(False, help="move the alias even when the version does not beat the holder"),
+) -> None:
+    """Move an alias (default champion) to a version, gated on the register.gate_metric unless --force."""
+    from pipelines.config import load_params
+    from pipelines.register import configure_mlflow, promote as gated_promote
+
+    client = configure_mlflow()
+    moved, message = gated_promote(client, _model_name(name), version, load_params().register.gate_metric,
+                                   alias=alias, force=force)
+    typer.echo(message)
+    raise typer.Exit(0 if moved else 1)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="MLflow model URI, e.g. models:/gan-mnist@champion"),
+    n: int = typer.Option(64, min=1, help="number of samples"),
+    out: Path = typer.Option(Path("grid.png"), help="PNG file for the sample grid"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sample a registered generator into a PNG grid."""
+    import mlflow.pytorch
+    import torch
+
+    from pipelines.evaluate import generate as sample, save_grid
+    from pipelines.register import configure_mlflow
+
+    configure_mlflow()
+    generator = mlflow.pytorch.load_model(model, map_location="cpu").eval()
+    latent_dim = generator.latent_dim
+    images = sample(generator, n, latent_dim, seed)
+    save_grid(images, out)
+    typer.echo(f"{n} samples from {model} -> {out} ({tuple(images.shape[1:])}, torch {torch.__version__})")
+
+
+@app.command()
+def submit(
+    address: str = typer.Option(os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                                help="Ray dashboard address (Jobs API)"),
+    entrypoint: str = typer.Option("dvc repro", help="command the job runs in the uploaded working dir"),
+    working_dir: Path = typer.Option(Path("."), help="folder uploaded as the job's working dir"),
+    wait: bool = typer.Option(True, help="stream logs and exit with the job's status"),
+    timeout: float = typer.Option(0, help="give up waiting after this many seconds (0: never)"),
+) -> None:
+    """Run the pipeline on a Ray cluster through the Jobs API (like `ray job submit -- dvc repro`)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    submission_id = f"gan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    env_vars["GAN_RAY_SUBMISSION_ID"] = submission_id
+    client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=submission_id,
+        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
+    )
+    typer.echo(f"submitted {submission_id} to {address}: {entrypoint}")
+    if not wait:
+        return
+    printed, started = 0, time.monotonic()
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while True:
+        status = client.get_job_status(submission_id)
+        logs = client.get_job_logs(submission_id)
+        sys.stdout.write(logs[printed:])
+        sys.stdout.flush()
+        printed = len(logs)
+        if status in terminal:
+            break
+        if timeout and time.monotonic() - started > timeout:
+            client.stop_job(submission_id)
+            typer.echo(f"{submission_id}: stopped after {timeout:.0f}s", err=True)
+            raise typer.Exit(124)
+        time.sleep(2)
+    typer.echo(f"{submission_id}: {status.value}")
+    raise typer.Exit(0 if status == JobStatus.SUCCEEDED else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Typed, validated view of params.yaml: the only place defaults and limits live.
+
+Every stage calls `load_params()` first, so an unknown key, a wrong type or an
+impossible value stops the stage before any compute with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gancore.losses import LOSSES
+from gancore.models import FAMILIES
+
+PARAMS_FILE = Path("params.yaml")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class ConfigError(ValueError):
+    """params.yaml does not describe a runnable pipeline."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class DataParams(Section):
+    source: str
+    image_size: int
+    channels: Literal[1, 3]
+    test_fraction: Fraction
+    shard_size: PositiveInt
+    split_seed: int
+    download_workers: PositiveInt
+
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value not in (16, 32, 64, 128):
+            raise ValueError("must be a power of two from 16 to 128")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source_uri(cls, value: str) -> str:
+        if value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("s3:// URI needs a bucket, e.g. s3://my-bucket/images")
+        return value.rstrip("/")
+
+
+class FeaturenetParams(Section):
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    feature_dim: PositiveInt
+    seed: int
+
+
+class ModelParams(Section):
+    family: str
+    latent_dim: PositiveInt
+    base_channels: PositiveInt
+    loss: str
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"unknown family {value!r}; choose one of {', '.join(FAMILIES)}")
+        return value
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in LOSSES:
+            raise ValueError(f"unknown loss {value!r}; choose one of {', '.join(LOSSES)}")
+        return value
+
+
+class OptimizerParams(Section):
+    lr_g: PositiveFloat
+    lr_d: PositiveFloat
+    beta1: Annotated[float, Field(ge=0, lt=1)]
+    beta2: Annotated[float, Field(ge=0, lt=1)]
+
+
+class TrainParams(OptimizerParams):
+    num_workers: PositiveInt
+    use_gpu: bool
+    batch_size: PositiveInt
+    steps: PositiveInt
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]
+    log_every: PositiveInt
+    checkpoint_every: PositiveInt
+    max_failures: Annotated[int, Field(ge=-1)]
+    storage_path: str
+    seed: int
+
+
+class Distribution(Section):
+    """One search-space entry: exactly one of the keys below."""
+
+    loguniform: tuple[PositiveFloat, PositiveFloat] | None = None
+    uniform: tuple[float, float] | None = None
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [name for name in ("loguniform", "uniform", "choice") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform: [low, high], uniform: [low, high], choice: [...]")
+        bounds = self.loguniform or self.uniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"low must be below high, got {list(bounds)}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        return self
+
+
+class TuneParams(Section):
+    num_samples: PositiveInt
+    num_workers: PositiveInt
+    steps: PositiveInt
+    report_every: PositiveInt
+    grace_period: PositiveInt
+    reduction_factor: Annotated[int, Field(ge=2)]
+    eval_samples: Annotated[int, Field(ge=2)]
+    seed: int
+    search_space: dict[str, Distribution]
+
+    @field_validator("search_space")
+    @classmethod
+    def _tunable_keys(cls, value: dict[str, Distribution]) -> dict[str, Distribution]:
+        tunable = set(OptimizerParams.model_fields)
+        unknown = sorted(set(value) - tunable)
+        if unknown:
+            raise ValueError(f"cannot tune {unknown}; tunable keys are {sorted(tunable)}")
+        if not value:
+            raise ValueError("search space is empty")
+        return value
+
+
+class EvalParams(Section):
+    num_samples: Annotated[int, Field(ge=2)]
+    kid_subset_size: Annotated[int, Field(ge=2)]
+    kid_subsets: PositiveInt
+    is_splits: PositiveInt
+    bootstrap_resamples: PositiveInt
+    grid_size: PositiveInt
+    seed: int
+
+
+class RegisterParams(Section):
+    model_name: Annotated[str, Field(min_length=1)]
+    experiment: Annotated[str, Field(min_length=1)]
+    gate_metric: Literal["fid", "kid"]
+
+
+with warnings.catch_warnings():
+    # `register` is also a metaclass method (ABCMeta.register); instances still see the field.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class _RegisterField(Section):
+        register: RegisterParams
+
+
+class Params(_RegisterField):
+    data: DataParams
+    featurenet: FeaturenetParams
+    model: ModelParams
+    train: TrainParams
+    tune: TuneParams
+    eval: EvalParams
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if self.tune.report_every > self.tune.steps:
+            raise ValueError("tune.report_every must not exceed tune.steps (a trial would never report)")
+        if self.eval.kid_subset_size > self.eval.num_samples:
+            raise ValueError("eval.kid_subset_size must not exceed eval.num_samples")
+        return self
+
+
+def _describe(error: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid parameters ({error.error_count()} problem(s)); fix them and re-run:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (typo? remove it or check the params reference in README.md)")
+        elif item["type"] == "missing":
+            lines.append(f"  - {key}: missing required key")
+        else:
+            lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], path: Path = PARAMS_FILE) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, path)) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run from the repository root (where params.yaml lives)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, path)

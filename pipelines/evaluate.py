@@ -1,0 +1,127 @@
+"""Stage evaluate: FID, KID and Inception Score in featurenet space, beside the real-vs-real baseline.
+
+The baseline compares N training images with the N held-out ones: the score a
+perfect generator would get with this N and this feature space.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+
+from gancore.images import from_uint8, make_grid
+from gancore.metrics.bootstrap import bootstrap_interval
+from gancore.metrics.features import extract
+from gancore.metrics.fid import fid
+from gancore.metrics.inception_score import inception_score
+from gancore.metrics.kid import kid
+from gancore.step import sample_latent
+from pipelines.config import ConfigError, EvalParams, load_params
+from pipelines.dataset import load_split
+from pipelines.featurenet import load_featurenet
+from pipelines.storage import write_json_atomic
+from pipelines.train import HISTORY_FILE, MODEL_DIR, load_generator
+
+PREPARED = Path("data/prepared")
+METRICS_FILE = Path("results/eval/metrics.json")
+SAMPLES_FILE = Path("results/eval/samples.png")
+CURVES_FILE = Path("results/eval/curves.png")
+
+
+@torch.no_grad()
+def generate(generator: torch.nn.Module, count: int, latent_dim: int, seed: int) -> torch.Tensor:
+    noise = torch.Generator().manual_seed(seed)
+    return torch.cat([generator(sample_latent(min(256, count - start), latent_dim, "cpu", noise))
+                      for start in range(0, count, 256)])
+
+
+def score(features_a, probs_a, features_b, params: EvalParams) -> dict:
+    """FID, KID and IS of set a against reference set b, each with N and a bootstrap interval."""
+    n = len(features_a)
+
+    def kid_mean(a, b):
+        return kid(a, b, num_subsets=params.kid_subsets, subset_size=params.kid_subset_size, seed=params.seed)[0]
+
+    def interval(metric):
+        low, high = bootstrap_interval(metric, features_a, features_b, num_resamples=params.bootstrap_resamples,
+                                       seed=params.seed)
+        return {"ci95_low": low, "ci95_high": high}
+
+    is_mean, is_std = inception_score(probs_a, splits=params.is_splits)
+    return {
+        "fid": {"value": fid(features_a, features_b), **interval(fid), "n": n},
+        "kid": {"value": kid_mean(features_a, features_b), **interval(kid_mean), "n": n},
+        "inception_score": {"value": is_mean, "std_over_splits": is_std, "splits": params.is_splits, "n": n},
+    }
+
+
+def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
+    grid = make_grid(images, nrow=int(np.ceil(np.sqrt(len(images)))))
+    picture = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def plot_curves(history_file: Path, path: Path) -> None:
+    with history_file.open() as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(row["step"]) for row in rows]
+    figure, (losses, speed) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("loss_d", "loss_g"):
+        losses.plot(steps, [float(row[key]) for row in rows], label=key)
+    losses.set(xlabel="generator step", ylabel="loss", title="GAN losses")
+    losses.legend()
+    speed.plot(steps, [float(row["images_per_second"]) for row in rows])
+    speed.set(xlabel="generator step", ylabel="images / s", title="throughput (all workers)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    try:
+        params = load_params().eval
+    except ConfigError as error:
+        sys.exit(str(error))
+    generator, model_config = load_generator(MODEL_DIR)
+    classifier = load_featurenet()
+    test_images, _ = load_split(PREPARED, "test")
+    train_images, _ = load_split(PREPARED, "train")
+    n = min(params.num_samples, len(test_images), len(train_images))
+    if n < params.num_samples:
+        print(f"[evaluate] only {n} held-out images: metrics use N={n}, not eval.num_samples={params.num_samples}")
+    rng = np.random.default_rng(params.seed)
+    real_test = from_uint8(test_images[rng.choice(len(test_images), n, replace=False)])
+    real_train = from_uint8(train_images[rng.choice(len(train_images), n, replace=False)])
+    fakes = generate(generator, n, model_config["latent_dim"], params.seed)
+
+    test_features, test_probs = extract(classifier, real_test)
+    train_features, train_probs = extract(classifier, real_train)
+    fake_features, fake_probs = extract(classifier, fakes)
+    print(f"[evaluate] scoring {n} generated and {n} real images in featurenet space", flush=True)
+    generated = score(fake_features, fake_probs, test_features, params)
+    baseline = score(train_features, train_probs, test_features, params)
+    metrics = {**generated, "real_vs_real": baseline, "feature_space": "featurenet", "n": n}
+    write_json_atomic(METRICS_FILE, metrics)
+    save_grid(fakes[: params.grid_size], SAMPLES_FILE)
+    plot_curves(HISTORY_FILE, CURVES_FILE)
+    print(
+        f"[evaluate] FID {generated['fid']['value']:.2f} (real-vs-real {baseline['fid']['value']:.2f}),"
+        f" KID {generated['kid']['value']:.4f} ({baseline['kid']['value']:.4f}),"
+        f" IS {generated['inception_score']['value']:.2f} ({baseline['inception_score']['value']:.2f}), N={n}"
+        f" -> {METRICS_FILE}, {SAMPLES_FILE}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Stage featurenet: a small domain classifier whose penultimate layer is the metric space.
+
+No Inception weights can be downloaded on every machine, so FID/KID/IS are
+computed in the feature space of a classifier trained on the prepared data.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gancore.images import from_uint8
+from gancore.models.classifier import Classifier
+from pipelines.config import ConfigError, FeaturenetParams, load_params
+from pipelines.dataset import load_split, read_manifest
+from pipelines.storage import write_json_atomic
+
+PREPARED = Path("data/prepared")
+FEATURENET_FILE = Path("models/featurenet.pt")
+METRICS_FILE = Path("results/featurenet/metrics.json")
+
+
+def train_featurenet(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, params: FeaturenetParams
+) -> Classifier:
+    torch.manual_seed(params.seed)
+    inputs, targets = from_uint8(images), torch.from_numpy(labels)
+    classifier = Classifier(inputs.shape[1], inputs.shape[2], num_classes, params.feature_dim)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=params.lr)
+    steps_per_epoch = max(1, len(inputs) // params.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, params.lr, total_steps=params.epochs * steps_per_epoch)
+    classifier.train()
+    for epoch in range(params.epochs):
+        order = torch.randperm(len(inputs))
+        progress = tqdm(range(steps_per_epoch), desc=f"featurenet epoch {epoch + 1}/{params.epochs}", unit="batch")
+        for batch in progress:
+            index = order[batch * params.batch_size : (batch + 1) * params.batch_size]
+            loss = F.cross_entropy(classifier(inputs[index]), targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+    return classifier.eval()
+
+
+@torch.no_grad()
+def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> float:
+    logits = torch.cat([classifier(batch) for batch in from_uint8(images).split(512)])
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+def save_featurenet(classifier: Classifier, path: Path, test_accuracy: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    hyper = {key: getattr(classifier, key) for key in ("channels", "image_size", "num_classes", "feature_dim")}
+    torch.save({"state_dict": classifier.state_dict(), "hyper": hyper, "test_accuracy": test_accuracy}, partial)
+    partial.replace(path)
+
+
+def load_featurenet(path: Path = FEATURENET_FILE) -> Classifier:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `dvc repro featurenet` first")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    classifier = Classifier(**saved["hyper"])
+    classifier.load_state_dict(saved["state_dict"])
+    return classifier.eval()
+
+
+def main() -> None:
+    try:
+        params = load_params()
+    except ConfigError as error:
+        sys.exit(str(error))
+    manifest = read_manifest(PREPARED)
+    if not manifest["class_names"]:
+        sys.exit("featurenet needs labelled data (class sub-folders under data.source); the prepared data has none")
+    train_images, train_labels = load_split(PREPARED, "train")
+    test_images, test_labels = load_split(PREPARED, "test")
+    classifier = train_featurenet(train_images, train_labels, len(manifest["class_names"]), params.featurenet)
+    test_accuracy = accuracy(classifier, test_images, test_labels)
+    save_featurenet(classifier, FEATURENET_FILE, test_accuracy)
+    write_json_atomic(METRICS_FILE, {"test_accuracy": test_accuracy, "test_images": int(len(test_labels))})
+    print(f"featurenet: test accuracy {test_accuracy:.4f} on {len(test_labels)} held-out images -> {FEATURENET_FILE}")
+
+
+if __name__ == "__main__":
+    main()

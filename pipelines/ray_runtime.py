@@ -1,0 +1,45 @@
+"""Starting or joining Ray, and where Ray keeps checkpoints: shared by tune and train."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs
+import ray
+
+# Readable output on small machines: one copy of repeated worker lines, no Ray banners.
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a local one."""
+    if ray.is_initialized():
+        return
+    # The dashboard stays on even locally: Ray Train's placement-group cleanup asks its state API.
+    ray.init(logging_level="WARNING")
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train logs every report at INFO on each worker; the driver's progress line says it once."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Ray storage path plus the filesystem to reach it.
+
+    pyarrow's S3 filesystem ignores AWS_ENDPOINT_URL, so a custom endpoint
+    (MinIO, the embedded loopback server) is passed to it explicitly.
+    """
+    if path.startswith("s3://"):
+        parsed = urlparse(path)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            endpoint_url = urlparse(endpoint)
+            options.update(endpoint_override=endpoint_url.netloc, scheme=endpoint_url.scheme or "https")
+        return f"{parsed.netloc}{parsed.path}", pyarrow.fs.S3FileSystem(**options)
+    return str(Path(path).resolve()), None

@@ -1,0 +1,175 @@
+"""Stage register: log the run to MLflow, register a model version, gate the champion alias.
+
+A version is identified by its lineage (data, code, params, weights): re-running
+on unchanged inputs finds the existing version instead of creating a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from gancore.step import sample_latent
+from pipelines.config import ConfigError, Params, load_params
+from pipelines.dataset import read_manifest
+from pipelines.storage import write_json_atomic
+from pipelines.train import HISTORY_FILE, MODEL_DIR, load_generator
+
+PREPARED = Path("data/prepared")
+METRICS_FILE = Path("results/eval/metrics.json")
+VERSION_FILE = Path("results/register/model_version.json")
+ARTIFACTS = (Path("results/eval/samples.png"), Path("results/eval/curves.png"), METRICS_FILE, HISTORY_FILE,
+             MODEL_DIR / "config.json", PREPARED / "manifest.json")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def configure_mlflow() -> MlflowClient:
+    """MLFLOW_TRACKING_URI when set (a server), else a sqlite store in the working directory."""
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    return MlflowClient()
+
+
+def ensure_experiment(name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # With the local sqlite default, artifacts go next to it rather than in the server's default root.
+    location = None if "MLFLOW_TRACKING_URI" in os.environ else Path("mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lineage(params: Params, manifest: dict, model_config: dict) -> dict[str, str]:
+    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(),
+               "optimizer": model_config["optimizer"], "eval": params.eval.model_dump()}
+    return {
+        "git_commit": git_commit(),
+        "dataset_hash": manifest["dataset_hash"],
+        "params_hash": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
+        "generator_sha256": file_sha256(MODEL_DIR / "generator_ema.pt"),
+        "ray_run_name": model_config["ray_run_name"],
+        "ray_job_id": model_config.get("ray_job_id", ""),
+    }
+
+
+def lineage_key(tags: dict[str, str]) -> str:
+    # Same data, params and weights are the same model, whatever commit (a README edit, say) it came from.
+    identity = [tags[key] for key in ("dataset_hash", "params_hash", "generator_sha256")]
+    return hashlib.sha256("|".join(identity).encode()).hexdigest()
+
+
+def gate_value(client: MlflowClient, name: str, version: str, metric: str) -> float:
+    run = client.get_run(client.get_model_version(name, version).run_id)
+    if metric not in run.data.metrics:
+        raise MlflowException(f"version {version} of {name} has no metric {metric!r} to compare")
+    return run.data.metrics[metric]
+
+
+def promote(client: MlflowClient, name: str, version: str, metric: str, alias: str = CHAMPION,
+            force: bool = False) -> tuple[bool, str]:
+    """Point `alias` at `version` when its metric beats the current holder's (lower is better)."""
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    if current is not None and str(current.version) == str(version):
+        return False, f"{alias} already is version {version}"
+    candidate = gate_value(client, name, version, metric)
+    if current is not None and not force:
+        holder = gate_value(client, name, current.version, metric)
+        if candidate >= holder:
+            return False, (f"version {version} ({metric} {candidate:.4f}) does not beat {alias} version"
+                           f" {current.version} ({metric} {holder:.4f}); {alias} unchanged (use --force to override)")
+    client.set_registered_model_alias(name, alias, str(version))
+    previous = f" (was version {current.version})" if current is not None else ""
+    return True, f"{alias} -> version {version} ({metric} {candidate:.4f}){previous}"
+
+
+def find_version(client: MlflowClient, name: str, key: str):
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.lineage_key = '{key}'")
+    except MlflowException:
+        return None
+    return found[0] if found else None
+
+
+def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torch.nn.Module, latent_dim: int):
+    flat_params = {f"{section}.{key}": value for section in ("data", "model", "train", "eval")
+                   for key, value in getattr(params, section).model_dump().items()}
+    example = sample_latent(4, latent_dim, "cpu", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), generator(example).numpy())
+    with mlflow.start_run(experiment_id=ensure_experiment(params.register.experiment)) as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params(flat_params)
+        mlflow.log_metrics({
+            "fid": metrics["fid"]["value"], "kid": metrics["kid"]["value"],
+            "inception_score": metrics["inception_score"]["value"],
+            "real_vs_real_fid": metrics["real_vs_real"]["fid"]["value"],
+            "real_vs_real_kid": metrics["real_vs_real"]["kid"]["value"],
+            "real_vs_real_inception_score": metrics["real_vs_real"]["inception_score"]["value"],
+            "eval_n": metrics["n"],
+        })
+        for artifact in ARTIFACTS:
+            mlflow.log_artifact(str(artifact))
+        # The local "+cpu" label is not installable from PyPI; record the release itself.
+        model = mlflow.pytorch.log_model(generator, name="generator", signature=signature,
+                                         input_example=example.numpy(),
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    return run, model
+
+
+def main() -> None:
+    try:
+        params = load_params()
+    except ConfigError as error:
+        sys.exit(str(error))
+    generator, model_config = load_generator(MODEL_DIR)
+    metrics = json.loads(METRICS_FILE.read_text())
+    tags = lineage(params, read_manifest(PREPARED), model_config)
+    key = lineage_key(tags)
+    name = params.register.model_name
+    client = configure_mlflow()
+
+    version = find_version(client, name, key)
+    if version is not None:
+        print(f"[register] unchanged inputs: {name} version {version.version} already holds this model")
+    else:
+        run, model = log_run(params, metrics, tags, generator, model_config["latent_dim"])
+        version = mlflow.register_model(model.model_uri, name, tags={"lineage_key": key, **tags})
+        print(f"[register] run {run.info.run_id} -> {name} version {version.version}")
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    promoted, message = promote(client, name, version.version, params.register.gate_metric)
+    print(f"[register] {CHALLENGER} -> version {version.version}; {message}")
+    write_json_atomic(VERSION_FILE, {
+        "model_name": name, "version": int(version.version), "run_id": version.run_id,
+        "lineage_key": key, "champion": str(client.get_model_version_by_alias(name, CHAMPION).version) == str(version.version), "tracking_uri": mlflow.get_tracking_uri(),
+    })
+
+
+if __name__ == "__main__":
+    main()

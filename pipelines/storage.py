@@ -1,0 +1,213 @@
+"""s3:// and local URIs behind one small interface, plus atomic local writes.
+
+Anything that is not an s3:// URI is a local path, so the same stage code reads a
+bucket in production and a folder on a laptop.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.client import BaseClient
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+DEFAULT_MAX_ATTEMPTS = 10
+_ACCESS_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"}
+_MISSING_BUCKET_CODES = {"NoSuchBucket"}
+_MISSING_KEY_CODES = {"NoSuchKey", "404"}
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for a reason the user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    uri: str
+    key: str  # relative to the listed prefix, '/'-separated
+    size: int
+    etag: str  # md5 hex for local files and single-part S3 uploads
+
+
+@functools.cache
+def s3_client() -> BaseClient:
+    """One client per process: the standard credential chain, endpoint from AWS_ENDPOINT_URL.
+
+    Call `s3_client.cache_clear()` after changing AWS_* environment variables in-process.
+    """
+    custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    config = Config(
+        # AWS_MAX_ATTEMPTS still wins so a caller can fail fast; explicit Config values override the env.
+        retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS))},
+        max_pool_connections=64,
+        connect_timeout=5,
+        read_timeout=60,
+        # S3-compatible servers (MinIO, Ceph, moto) rarely have wildcard DNS for virtual-hosted buckets.
+        s3={"addressing_style": "path" if custom_endpoint else "auto"},
+    )
+    # boto3 reads AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 itself; a private session keeps this thread-safe.
+    return boto3.session.Session().client("s3", config=config)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix -> ("bucket", "some/prefix")."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r}: an s3:// URI needs a bucket, e.g. s3://my-bucket/images")
+    return bucket, key.strip("/")
+
+
+def list_objects(uri: str) -> list[StoredObject]:
+    """Every object under an s3:// prefix or a local folder (recursively), sorted by key."""
+    objects = _list_s3(uri) if uri.startswith("s3://") else _list_local(Path(uri))
+    if not objects:
+        raise StorageError(f"{uri}: no objects found; check data.source in params.yaml points at the images")
+    return sorted(objects, key=lambda stored: stored.key)
+
+
+def read_bytes(uri: str) -> bytes:
+    if not uri.startswith("s3://"):
+        path = Path(uri)
+        if not path.is_file():
+            raise StorageError(f"{uri}: no such file")
+        return path.read_bytes()
+    bucket, key = split_s3_uri(uri)
+    client = s3_client()
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (BotoCoreError, ClientError) as error:
+        raise _storage_error(error, uri, bucket, client) from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a sibling temp folder that replaces `final` only if the block succeeds.
+
+    Readers see either the old or the new folder, never a half-written one; a failed
+    run deletes its temp folder and leaves the previous outputs as they were.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp's private 0700 would otherwise become the published folder's mode
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = final.parent / f"{staging.name}.old"
+    if final.exists():
+        final.rename(retired)
+    staging.rename(final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=2) + "\n"  # serialise first: an unserialisable object leaves no temp file
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as stream:
+        stream.write(text)
+    os.chmod(stream.name, 0o644)  # NamedTemporaryFile creates 0600
+    os.replace(stream.name, path)
+
+
+def _list_s3(uri: str) -> list[StoredObject]:
+    bucket, prefix = split_s3_uri(uri)
+    # A trailing slash keeps s3://b/mnist from also matching s3://b/mnist-old/.
+    list_prefix = f"{prefix}/" if prefix else ""
+    client = s3_client()
+    objects = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=list_prefix):
+            for entry in page.get("Contents", []):
+                if entry["Key"].endswith("/"):  # folder markers made by consoles, not data
+                    continue
+                objects.append(
+                    StoredObject(
+                        uri=f"s3://{bucket}/{entry['Key']}",
+                        key=entry["Key"][len(list_prefix) :],
+                        size=entry["Size"],
+                        etag=entry["ETag"].strip('"'),
+                    )
+                )
+    except (BotoCoreError, ClientError) as error:
+        raise _storage_error(error, uri, bucket, client) from None
+    return objects
+
+
+def _list_local(root: Path) -> list[StoredObject]:
+    if not root.is_dir():
+        raise StorageError(f"{root}: not a folder and not an s3:// URI; fix data.source in params.yaml")
+    objects = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            objects.append(
+                StoredObject(
+                    uri=str(path),
+                    key=path.relative_to(root).as_posix(),
+                    size=path.stat().st_size,
+                    etag=hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest(),
+                )
+            )
+    return objects
+
+
+def _storage_error(error: BotoCoreError | ClientError, uri: str, bucket: str, client: BaseClient) -> StorageError:
+    """Translate a boto error into a StorageError that says what to do."""
+    endpoint = client.meta.endpoint_url
+    if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
+        return StorageError(
+            f"{uri}: no usable AWS credentials ({error}). Set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run `aws configure`; for the embedded "
+            "stack run `eval \"$(gan stack env)\"`."
+        )
+    if isinstance(error, (EndpointConnectionError, ConnectTimeoutError)):
+        return StorageError(
+            f"{uri}: cannot reach the S3 endpoint {endpoint}. Start the embedded stack with "
+            "`gan stack up`, or point AWS_ENDPOINT_URL at a running S3-compatible server."
+        )
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in _MISSING_BUCKET_CODES:
+            return StorageError(
+                f"{uri}: bucket {bucket!r} does not exist at {endpoint}. Create it "
+                f"(e.g. `aws s3 mb s3://{bucket}`, or `gan stack up` for the embedded stack) "
+                "or fix data.source in params.yaml."
+            )
+        if code in _ACCESS_DENIED_CODES:
+            return StorageError(
+                f"{uri}: access denied at {endpoint} ({code}). Check that the credentials in use "
+                "(AWS_ACCESS_KEY_ID / AWS_PROFILE) are current and allow s3:ListBucket and "
+                f"s3:GetObject on bucket {bucket!r}."
+            )
+        if code in _MISSING_KEY_CODES:
+            return StorageError(f"{uri}: no such object at {endpoint}")
+    return StorageError(f"{uri}: S3 request to {endpoint} failed: {error}")

@@ -1,0 +1,51 @@
+"""Shared fixtures: real components on loopback, started once per test session."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from pipelines.stack import endpoint_url, seed_mnist, start_s3_server, stop
+from pipelines.storage import s3_client
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on (for "endpoint unreachable" tests)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with the AWS_* environment pointing at it."""
+    port = free_port()
+    url = endpoint_url(port)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", url)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        s3_client.cache_clear()
+        process = start_s3_server(port, log_path=tmp_path_factory.mktemp("moto") / "s3.log")
+        try:
+            yield url
+        finally:
+            stop(process)
+            s3_client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def seeded_bucket(s3_endpoint: str) -> str:
+    """s3://gan-test-data/mnist holding 600 class-balanced MNIST PNGs."""
+    seed_mnist("gan-test-data", "mnist", limit=600)
+    return "s3://gan-test-data/mnist"

@@ -1,0 +1,100 @@
+"""params.yaml validation: bad params stop a stage early with a message naming the key."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_change(section: str, key: str, value) -> dict:
+    raw = copy.deepcopy(DEFAULTS)
+    raw[section][key] = value
+    return raw
+
+
+def test_shipped_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.train.num_workers >= 1
+    assert params.data.source.startswith("s3://")
+    assert params.tune.num_samples >= 4, "the issue asks for at least 4 trials by default"
+    assert {"lr_g", "lr_d", "beta1", "beta2"} <= set(params.tune.search_space)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "lr_g", -1e-4, "train.lr_g"),
+        ("train", "num_workers", 0, "train.num_workers"),
+        ("train", "steps", "many", "train.steps"),
+        ("train", "beta1", 1.5, "train.beta1"),
+        ("data", "image_size", 48, "data.image_size"),
+        ("data", "channels", 2, "data.channels"),
+        ("data", "test_fraction", 0.0, "data.test_fraction"),
+        ("model", "family", "stylegan9", "model.family"),
+        ("model", "loss", "l7", "model.loss"),
+        ("register", "gate_metric", "accuracy", "register.gate_metric"),
+    ],
+)
+def test_bad_value_names_the_key(section, key, value, expected):
+    with pytest.raises(ConfigError) as error:
+        parse_params(with_change(section, key, value))
+    assert expected in str(error.value)
+    assert repr(value) in str(error.value), "the message should show the offending value"
+
+
+def test_unknown_key_is_an_error():
+    raw = with_change("train", "learning_rate", 0.1)
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):
+        parse_params(raw)
+
+
+def test_missing_key_is_an_error():
+    raw = copy.deepcopy(DEFAULTS)
+    del raw["eval"]["num_samples"]
+    with pytest.raises(ConfigError, match=r"eval\.num_samples: missing"):
+        parse_params(raw)
+
+
+def test_search_space_only_tunes_known_keys_with_valid_ranges():
+    raw = copy.deepcopy(DEFAULTS)
+    raw["tune"]["search_space"] = {"dropout": {"choice": [0.1]}}
+    with pytest.raises(ConfigError, match="cannot tune"):
+        parse_params(raw)
+    raw["tune"]["search_space"] = {"lr_g": {"loguniform": [0.01, 0.001]}}
+    with pytest.raises(ConfigError, match="low must be below high"):
+        parse_params(raw)
+    raw["tune"]["search_space"] = {"lr_g": {"loguniform": [0.001, 0.01], "choice": [0.1]}}
+    with pytest.raises(ConfigError, match="exactly one"):
+        parse_params(raw)
+
+
+def test_cross_field_consistency():
+    raw = with_change("tune", "report_every", DEFAULTS["tune"]["steps"] + 1)
+    with pytest.raises(ConfigError, match="tune.report_every"):
+        parse_params(raw)
+
+
+def test_not_yaml_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("stage", ["prepare", "featurenet", "tune", "train", "evaluate", "register"])
+def test_stage_stops_before_compute_and_names_the_key(tmp_path, stage):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("train", "num_workers", 0)))
+    finished = subprocess.run([sys.executable, "-m", f"pipelines.{stage}"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode != 0
+    assert "train.num_workers" in finished.stderr
+    assert "Traceback" not in finished.stderr, "a bad param is a message, not a crash"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing may be written"

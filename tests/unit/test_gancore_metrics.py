@@ -1,0 +1,172 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.image.fid import _compute_fid
+from torchmetrics.image.kid import poly_mmd
+
+from gancore.metrics import (
+    bootstrap_interval,
+    extract,
+    fid,
+    frechet_distance,
+    gaussian_statistics,
+    inception_score,
+    kid,
+)
+from gancore.models.classifier import Classifier
+
+
+def _normal(n: int, d: int, seed: int, mean: float | np.ndarray = 0.0, scale: float = 1.0) -> np.ndarray:
+    return mean + scale * np.random.default_rng(seed).standard_normal((n, d))
+
+
+def test_gaussian_statistics_float64():
+    features = _normal(50, 3, 0).astype(np.float32)
+    mu, sigma = gaussian_statistics(features)
+    assert mu.dtype == np.float64 and sigma.dtype == np.float64
+    assert mu.shape == (3,) and sigma.shape == (3, 3)
+    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False))
+
+
+def test_frechet_distance_closed_form_diagonal():
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    expected = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_of_two_gaussians_matches_closed_form():
+    d, shift, scale = 4, np.array([1.0, 0.5, 0.0, -0.5]), 2.0
+    a = _normal(20_000, d, 1)
+    b = _normal(20_000, d, 2, mean=shift, scale=scale)
+    expected = shift @ shift + d * (1.0 - scale) ** 2  # N(0, I) vs N(m, s^2 I)
+    assert fid(a, b) == pytest.approx(expected, abs=0.15)
+
+
+def test_fid_of_identical_sets_is_zero():
+    x = _normal(500, 8, 3)
+    assert abs(fid(x, x)) < 1e-8
+    assert fid(x, x + 1.0) == pytest.approx(8.0, rel=1e-8)
+
+
+def test_fid_matches_torchmetrics():
+    rng = np.random.default_rng(4)
+    mixing = rng.standard_normal((16, 16))
+    a = _normal(400, 16, 5) @ mixing
+    b = _normal(400, 16, 6, mean=0.3) @ mixing.T
+    stats = [torch.from_numpy(s) for s in (*gaussian_statistics(a), *gaussian_statistics(b))]
+    assert fid(a, b) == pytest.approx(_compute_fid(*stats).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_fid_too_few_samples(n):
+    with pytest.raises(ValueError, match=f"N={n}.*D=4"):
+        fid(np.zeros((n, 4)), _normal(10, 4, 0))
+    with pytest.raises(ValueError, match="N=1"):
+        fid(_normal(10, 4, 0), np.zeros((1, 4)))
+
+
+def test_fid_with_fewer_samples_than_dims_is_finite_and_warning_free():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = fid(_normal(10, 32, 7), _normal(12, 32, 8, mean=1.0))
+    assert np.isfinite(value) and value > 0
+
+
+def test_fid_rejects_mismatched_dims():
+    with pytest.raises(ValueError, match="dims"):
+        fid(_normal(10, 3, 0), _normal(10, 4, 0))
+
+
+def test_kid_identical_sets_near_zero_and_shift_detected():
+    x = _normal(1000, 8, 9)
+    same, _ = kid(x, x, num_subsets=20, subset_size=200)
+    shifted, shifted_std = kid(x, x + 0.3, num_subsets=20, subset_size=200)
+    assert abs(same) < 0.05
+    assert shifted > 0.2 and shifted > 4 * shifted_std
+
+
+def test_kid_is_unbiased():
+    # Many small subsets from one distribution: the unbiased MMD^2 averages to 0 and is often negative.
+    a, b = _normal(20_000, 4, 10), _normal(20_000, 4, 11)
+    values = [kid(a, b, num_subsets=1, subset_size=8, seed=s)[0] for s in range(400)]
+    mean, stderr = np.mean(values), np.std(values) / np.sqrt(len(values))
+    assert abs(mean) < 3 * stderr
+    assert min(values) < 0
+
+
+def test_kid_matches_torchmetrics():
+    a, b = _normal(300, 16, 12), _normal(300, 16, 13, mean=0.2, scale=1.1)
+    # Whole sets as the single subset: MMD^2 does not depend on sample order.
+    mean, std = kid(a, b, num_subsets=1, subset_size=300)
+    assert std == 0.0
+    assert mean == pytest.approx(poly_mmd(torch.from_numpy(a), torch.from_numpy(b)).item(), rel=1e-9)
+
+
+def test_kid_clips_subset_size_and_validates():
+    a, b = _normal(30, 4, 0), _normal(20, 4, 1)
+    assert kid(a, b, num_subsets=3, subset_size=1000) == kid(a, b, num_subsets=3, subset_size=20)
+    with pytest.raises(ValueError):
+        kid(a, b, subset_size=1)
+
+
+def test_inception_score_extremes():
+    k, splits = 5, 2
+    one_hot = np.eye(k)[np.arange(20) % k]
+    mean, std = inception_score(one_hot, splits=splits)
+    assert mean == pytest.approx(k) and std == pytest.approx(0.0, abs=1e-12)
+    identical = np.tile([0.1, 0.2, 0.3, 0.4], (12, 1))
+    assert inception_score(identical, splits=3)[0] == pytest.approx(1.0)
+
+
+def test_inception_score_hand_computed():
+    probs = np.array([[1.0, 0.0], [0.5, 0.5]])
+    kl = (np.log(1 / 0.75) + 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)) / 2
+    assert inception_score(probs, splits=1)[0] == pytest.approx(np.exp(kl))
+
+
+def test_inception_score_rejects_logits_and_bad_splits():
+    with pytest.raises(ValueError, match="logits"):
+        inception_score(np.array([[2.0, -1.0], [0.3, 0.1]]), splits=1)
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(np.eye(3), splits=4)
+
+
+def test_bootstrap_interval_contains_point_estimate():
+    a, b = _normal(1000, 2, 14), _normal(1000, 2, 15, mean=np.array([1.0, 0.0]))
+    point = fid(a, b)
+    low, high = bootstrap_interval(fid, a, b, num_resamples=100, seed=0)
+    assert low < point < high
+    assert high - low < 1.0
+    assert bootstrap_interval(fid, a, b, num_resamples=100, seed=0) == (low, high)
+    small_low, small_high = bootstrap_interval(fid, a[:100], b[:100], num_resamples=100, seed=0)
+    assert small_high - small_low > high - low
+
+
+def test_bootstrap_resamples_with_replacement():
+    a = np.arange(10.0)[:, None]
+    seen_duplicates = []
+    bootstrap_interval(lambda x, y: seen_duplicates.append(len(np.unique(x)) < len(x)) or 0.0, a, a, num_resamples=20)
+    assert any(seen_duplicates)
+    with pytest.raises(ValueError):
+        bootstrap_interval(fid, a, a, confidence=1.5)
+
+
+def test_extract_features_and_probs():
+    torch.manual_seed(0)
+    classifier = Classifier(1, 16, num_classes=3, feature_dim=8).train()
+    images = torch.rand(10, 1, 16, 16) * 2 - 1
+    features, probs = extract(classifier, images, batch_size=4)
+    assert classifier.training  # previous mode restored
+    assert features.dtype == np.float64 and features.shape == (10, 8)
+    assert probs.dtype == np.float64 and probs.shape == (10, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
+    classifier.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(features, classifier.features(images).double().numpy(), rtol=1e-5, atol=1e-6)
+        expected = torch.softmax(classifier(images).double(), dim=1).numpy()
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-7)
+    extract(classifier, images)
+    assert not classifier.training
