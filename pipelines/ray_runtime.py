@@ -24,8 +24,12 @@ def init_ray() -> None:
 
 
 def quiet_worker_logs() -> None:
-    """Ray Train logs every report at INFO on each worker; the driver's progress line says it once."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    """Ray Train logs every report at INFO on each worker's console; the driver's progress line
+    says it once. Only the console is quieted: Ray's log files keep everything."""
+    for logger in (logging.getLogger(), logging.getLogger("ray.train")):
+        for handler in logger.handlers:
+            if handler.get_name() == "console":
+                handler.setLevel(logging.WARNING)
 
 
 def storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+import gancore
 from gancore.step import sample_latent
 from pipelines.config import ConfigError, Params, load_params
 from pipelines.dataset import read_manifest
@@ -30,13 +31,14 @@ METRICS_FILE = Path("results/eval/metrics.json")
 VERSION_FILE = Path("results/register/model_version.json")
 ARTIFACTS = (Path("results/eval/samples.png"), Path("results/eval/curves.png"), METRICS_FILE, HISTORY_FILE,
              MODEL_DIR / "config.json", PREPARED / "manifest.json")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE = Path("mlflow.db")
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
 def configure_mlflow() -> MlflowClient:
     """MLFLOW_TRACKING_URI when set (a server), else a sqlite store in the working directory."""
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    # An absolute path: MLflow caches stores by URI, and a relative one would outlive a change of directory.
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}")
     return MlflowClient()
 
 
@@ -136,10 +138,13 @@ def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torc
         })
         for artifact in ARTIFACTS:
             mlflow.log_artifact(str(artifact))
-        # The local "+cpu" label is not installable from PyPI; record the release itself.
-        model = mlflow.pytorch.log_model(generator, name="generator", signature=signature,
-                                         input_example=example.numpy(),
-                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        # A pickled nn.Module with gancore bundled loads back as the Generator class (sampling
+        # needs its latent_dim); the local "+cpu" torch label is not installable, the release is.
+        model = mlflow.pytorch.log_model(
+            generator, name="generator", signature=signature, input_example=example.numpy(),
+            serialization_format="pickle", code_paths=[str(Path(gancore.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
     return run, model
 
 
@@ -163,7 +168,7 @@ def main() -> None:
         version = mlflow.register_model(model.model_uri, name, tags={"lineage_key": key, **tags})
         print(f"[register] run {run.info.run_id} -> {name} version {version.version}")
     client.set_registered_model_alias(name, CHALLENGER, version.version)
-    promoted, message = promote(client, name, version.version, params.register.gate_metric)
+    _, message = promote(client, name, version.version, params.register.gate_metric)
     print(f"[register] {CHALLENGER} -> version {version.version}; {message}")
     write_json_atomic(VERSION_FILE, {
         "model_name": name, "version": int(version.version), "run_id": version.run_id,

@@ -90,8 +90,8 @@ def run_search(params: Params, images_ref, reference_ref) -> tune.ResultGrid:
             metric="fid",
             mode="min",
             num_samples=params.tune.num_samples,
-            max_concurrent_trials=max(1, cpus // params.tune.num_workers),
-            search_alg=BasicVariantGenerator(random_state=params.tune.seed),
+            search_alg=BasicVariantGenerator(random_state=params.tune.seed,
+                                             max_concurrent=max(1, cpus // params.tune.num_workers)),
             scheduler=ASHAScheduler(
                 time_attr="training_iteration",
                 max_t=math.ceil(params.tune.steps / params.tune.report_every),

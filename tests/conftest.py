@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines.stack import endpoint_url, seed_mnist, start_s3_server, stop
 from pipelines.storage import s3_client
@@ -49,3 +51,38 @@ def seeded_bucket(s3_endpoint: str) -> str:
     """s3://gan-test-data/mnist holding 600 class-balanced MNIST PNGs."""
     seed_mnist("gan-test-data", "mnist", limit=600)
     return "s3://gan-test-data/mnist"
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough that the whole pipeline runs in a couple of minutes on 2 cores.
+TINY_OVERRIDES = {
+    "data": {"image_size": 16, "shard_size": 256, "download_workers": 8},
+    "featurenet": {"epochs": 2, "batch_size": 64},
+    "model": {"latent_dim": 16, "base_channels": 8},
+    "train": {"num_workers": 2, "batch_size": 16, "steps": 24, "log_every": 8, "checkpoint_every": 8},
+    "tune": {"num_samples": 2, "steps": 16, "report_every": 8, "eval_samples": 64},
+    "eval": {"num_samples": 64, "kid_subset_size": 32, "kid_subsets": 10, "bootstrap_resamples": 5, "grid_size": 16,
+             "is_splits": 2},
+}
+
+
+def tiny_params(**sections: dict) -> dict:
+    """The repository's params.yaml with TINY_OVERRIDES and then `sections` applied, as a raw dict."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for overrides in (TINY_OVERRIDES, sections):
+        for section, values in overrides.items():
+            raw[section].update(values)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A real local Ray runtime with the 2 CPUs this machine has."""
+    import ray
+
+    ray.init(num_cpus=2, logging_level="WARNING", include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

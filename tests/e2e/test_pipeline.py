@@ -1,0 +1,161 @@
+"""The whole pipeline as a user runs it: `dvc repro` in a fresh copy of the repository, then on a
+Ray cluster through `ray job submit`, against the loopback S3 server and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from conftest import REPO, free_port, tiny_params
+from pipelines.stack import ensure_bucket
+from pipelines.storage import list_objects
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+STAGES = ("prepare", "featurenet", "tune", "train", "evaluate", "register")
+
+
+def run(command: list[str], cwd: Path, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+    # RAY_ADDRESS=local: stages start their own Ray rather than joining a `ray start` head of another test.
+    environment = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": "local", **env}
+    finished = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert finished.returncode == 0, f"{' '.join(command)} failed:\n{finished.stdout[-4000:]}\n{finished.stderr[-4000:]}"
+    return finished
+
+
+def copy_repository(destination: Path, params: dict) -> Path:
+    """What a fresh clone holds (tracked and new, unignored files), committed in its own git repo."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+    (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=destination, check=True)
+    return destination
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, seeded_bucket):
+    ensure_bucket("gan-dvc")
+    repo = copy_repository(tmp_path_factory.mktemp("e2e"), tiny_params(data={"source": seeded_bucket}))
+    first = run(["dvc", "repro"], repo)
+    return repo, first.stdout + first.stderr
+
+
+def test_dvc_repro_produces_every_output(pipeline_run):
+    repo, log = pipeline_run
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert manifest["counts"]["train"] + manifest["counts"]["test"] == 600
+    assert manifest["class_names"] == [str(digit) for digit in range(10)]
+
+    featurenet = json.loads((repo / "results/featurenet/metrics.json").read_text())
+    assert featurenet["test_accuracy"] > 0.5, "the metric feature space must come from a classifier that learned"
+
+    best = yaml.safe_load((repo / "results/tune/best_params.yaml").read_text())
+    assert set(best) == {"lr_g", "lr_d", "beta1", "beta2"}
+    trials = (repo / "results/tune/trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + 2, "header plus one row per trial"
+
+    config = json.loads((repo / "models/gan/config.json").read_text())
+    assert config["steps"] == 24 and config["optimizer"] == best, "train uses the tuned optimizer settings"
+    history = (repo / "results/train/history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss_d,loss_g") and len(history) == 1 + 24 // 8
+    assert "[train] step 24/24" in log and "img/s" in log, "the driver shows progress"
+
+    metrics = json.loads((repo / "results/eval/metrics.json").read_text())
+    for name in ("fid", "kid", "inception_score"):
+        assert math.isfinite(metrics[name]["value"]) and metrics[name]["n"] == 64
+        assert math.isfinite(metrics["real_vs_real"][name]["value"])
+    assert metrics["fid"]["ci95_low"] <= metrics["fid"]["ci95_high"]
+    assert metrics["fid"]["value"] > metrics["real_vs_real"]["fid"]["value"], "24 steps cannot match real data"
+    grid = Image.open(repo / "results/eval/samples.png")
+    assert grid.format == "PNG" and grid.size[0] > 16 * 4
+    assert Image.open(repo / "results/eval/curves.png").format == "PNG"
+
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    assert "results/eval/metrics.json" in json.dumps(shown)
+
+
+def test_registry_holds_the_model_with_aliases(pipeline_run):
+    repo, _ = pipeline_run
+    recorded = json.loads((repo / "results/register/model_version.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    model = client.get_registered_model(recorded["model_name"])
+    assert {alias: str(version) for alias, version in model.aliases.items()} == {
+        "challenger": str(recorded["version"]), "champion": str(recorded["version"])}
+    run_tags = client.get_run(recorded["run_id"]).data.tags
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert run_tags["dataset_hash"] == manifest["dataset_hash"]
+    assert run_tags["git_commit"].startswith(subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo,
+                                                            capture_output=True, text=True).stdout.strip())
+
+
+def test_second_repro_skips_and_params_rerun_only_dependents(pipeline_run):
+    repo, _ = pipeline_run
+    again = run(["dvc", "repro"], repo)
+    assert "Data and pipelines are up to date" in again.stdout + again.stderr
+    assert "Running stage" not in again.stdout
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["eval"]["grid_size"] = 9
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    finally:
+        run(["git", "checkout", "params.yaml"], repo)
+    assert set(status) == {"evaluate"}, f"only evaluate reads eval.grid_size, got {sorted(status)}"
+
+
+def test_dvc_push_and_pull_through_the_s3_remote(pipeline_run, tmp_path):
+    repo, _ = pipeline_run
+    run(["dvc", "push"], repo)
+    assert list_objects("s3://gan-dvc/cache"), "the DVC remote bucket holds the pushed cache"
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    shutil.copy2(repo / "dvc.lock", clone / "dvc.lock")
+    run(["dvc", "pull", "prepare", "train"], clone)
+    assert (clone / "data/prepared/manifest.json").read_bytes() == (repo / "data/prepared/manifest.json").read_bytes()
+    assert (clone / "models/gan/generator_ema.pt").read_bytes() == (repo / "models/gan/generator_ema.pt").read_bytes()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head started the way a cluster is, with the Jobs API on a loopback port."""
+    dashboard_port = free_port()
+    run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"], tmp_path, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_pipeline_on_a_cluster(ray_head, seeded_bucket, tmp_path):
+    repo = copy_repository(tmp_path / "job", tiny_params(data={"source": seeded_bucket}))
+    tracking = f"sqlite:///{tmp_path / 'cluster-mlflow.db'}"
+    submitted = run(["ray", "job", "submit", "--address", ray_head, "--working-dir", ".",
+                     "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking}}),
+                     "--", "dvc", "repro"], repo, timeout=1200)
+    assert "succeeded" in submitted.stdout.lower()
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in submitted.stdout
+    model = MlflowClient(tracking_uri=tracking).get_registered_model(tiny_params()["register"]["model_name"])
+    assert set(model.aliases) == {"challenger", "champion"}
+
+    via_cli = run(["gan", "submit", "--address", ray_head, "--entrypoint", "dvc repro featurenet"], repo, timeout=600)
+    assert "Running stage 'featurenet'" in via_cli.stdout and "SUCCEEDED" in via_cli.stdout
