@@ -18,6 +18,9 @@ app.add_typer(stack_app, name="stack", help="The embedded S3 endpoint on loopbac
 
 # Forwarded to a cluster job. Secrets are not: cluster nodes use their own credential chain.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
+# DVC needs the git repository on the cluster (and the lineage records its commit); Ray leaves
+# .git out of a working_dir upload unless its default excludes are overridden.
+UPLOAD_DEFAULT_EXCLUDES = ".venv,venv,__pycache__"
 # Stage outputs stay behind: the job recomputes (or `dvc pull`s) them on the cluster.
 UPLOAD_EXCLUDES = ["/.venv", "/.dvc/cache", "/.dvc/tmp", "/.ray_storage", "/.stack", "/mlartifacts", "/mlflow.db",
                    "/data", "/models", "/results"]
@@ -83,6 +86,7 @@ def submit(
     """Run the pipeline on a Ray cluster through the Jobs API (like `ray job submit -- dvc repro`)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = UPLOAD_DEFAULT_EXCLUDES
     client = JobSubmissionClient(address)
     submission_id = f"gan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import REPO, free_port, tiny_params
+from pipelines.cli import UPLOAD_DEFAULT_EXCLUDES
 from pipelines.stack import ensure_bucket
 from pipelines.storage import list_objects
 
@@ -117,7 +118,7 @@ def test_second_repro_skips_and_params_rerun_only_dependents(pipeline_run):
         status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
     finally:
         run(["git", "checkout", "params.yaml"], repo)
-    assert set(status) == {"evaluate"}, f"only evaluate reads eval.grid_size, got {sorted(status)}"
+    assert set(status) == {"evaluate", "register"}, f"only evaluate and register read eval.*, got {sorted(status)}"
 
 
 def test_dvc_push_and_pull_through_the_s3_remote(pipeline_run, tmp_path):
@@ -133,9 +134,12 @@ def test_dvc_push_and_pull_through_the_s3_remote(pipeline_run, tmp_path):
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, monkeypatch):
     """A Ray head started the way a cluster is, with the Jobs API on a loopback port."""
     dashboard_port = free_port()
+    # Ray 2.5x+ clusters require a token; clients send it only in token mode.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    run(["ray", "get-auth-token", "--generate"], tmp_path)
     run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          "--disable-usage-stats"], tmp_path, timeout=180)
@@ -150,12 +154,17 @@ def test_ray_job_submit_runs_the_pipeline_on_a_cluster(ray_head, seeded_bucket, 
     tracking = f"sqlite:///{tmp_path / 'cluster-mlflow.db'}"
     submitted = run(["ray", "job", "submit", "--address", ray_head, "--working-dir", ".",
                      "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": tracking}}),
-                     "--", "dvc", "repro"], repo, timeout=1200)
+                     "--", "dvc", "repro"], repo, timeout=1200,
+                    RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES=UPLOAD_DEFAULT_EXCLUDES)
     assert "succeeded" in submitted.stdout.lower()
     for stage in STAGES:
         assert f"Running stage '{stage}'" in submitted.stdout
     model = MlflowClient(tracking_uri=tracking).get_registered_model(tiny_params()["register"]["model_name"])
     assert set(model.aliases) == {"challenger", "champion"}
 
+    # A changed param makes a new working_dir package, so featurenet must run again on the cluster.
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["featurenet"]["epochs"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     via_cli = run(["gan", "submit", "--address", ray_head, "--entrypoint", "dvc repro featurenet"], repo, timeout=600)
     assert "Running stage 'featurenet'" in via_cli.stdout and "SUCCEEDED" in via_cli.stdout
