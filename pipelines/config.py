@@ -6,6 +6,7 @@ impossible value stops the stage before any compute with a message naming the ke
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -89,6 +90,10 @@ class OptimizerParams(Section):
     lr_d: PositiveFloat
     beta1: Annotated[float, Field(ge=0, lt=1)]
     beta2: Annotated[float, Field(ge=0, lt=1)]
+
+    def optimizer(self) -> dict[str, float]:
+        """Just the Adam settings (the keys tune may search), whichever section holds them."""
+        return {key: getattr(self, key) for key in OptimizerParams.model_fields}
 
 
 class TrainParams(OptimizerParams):
@@ -219,3 +224,11 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, path)
+
+
+def load_params_or_exit(path: Path | str = PARAMS_FILE) -> Params:
+    """A stage's first line: bad params end the stage with the message, not a traceback."""
+    try:
+        return load_params(path)
+    except ConfigError as error:
+        sys.exit(str(error))

@@ -25,7 +25,7 @@ from gancore.metrics.fid import fid
 from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
 from gancore.step import sample_latent
-from pipelines.config import ConfigError, EvalParams, load_params
+from pipelines.config import EvalParams, load_params_or_exit
 from pipelines.dataset import load_split
 from pipelines.featurenet import load_featurenet
 from pipelines.storage import write_json_atomic
@@ -88,10 +88,7 @@ def plot_curves(history_file: Path, path: Path) -> None:
 
 
 def main() -> None:
-    try:
-        params = load_params().eval
-    except ConfigError as error:
-        sys.exit(str(error))
+    params = load_params_or_exit().eval
     generator, model_config = load_generator(MODEL_DIR)
     classifier = load_featurenet()
     test_images, _ = load_split(PREPARED, "test")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from gancore.images import from_uint8
 from gancore.models.classifier import Classifier
-from pipelines.config import ConfigError, FeaturenetParams, load_params
+from pipelines.config import FeaturenetParams, load_params_or_exit
 from pipelines.dataset import load_split, read_manifest
 from pipelines.storage import write_json_atomic
 
@@ -73,10 +73,7 @@ def load_featurenet(path: Path = FEATURENET_FILE) -> Classifier:
 
 
 def main() -> None:
-    try:
-        params = load_params()
-    except ConfigError as error:
-        sys.exit(str(error))
+    params = load_params_or_exit()
     manifest = read_manifest(PREPARED)
     if not manifest["class_names"]:
         sys.exit("featurenet needs labelled data (class sub-folders under data.source); the prepared data has none")

@@ -21,7 +21,7 @@ from mlflow.models import infer_signature
 
 import gancore
 from gancore.step import sample_latent
-from pipelines.config import ConfigError, Params, load_params
+from pipelines.config import Params, load_params_or_exit
 from pipelines.dataset import read_manifest
 from pipelines.storage import write_json_atomic
 from pipelines.train import HISTORY_FILE, MODEL_DIR, load_generator
@@ -149,10 +149,7 @@ def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torc
 
 
 def main() -> None:
-    try:
-        params = load_params()
-    except ConfigError as error:
-        sys.exit(str(error))
+    params = load_params_or_exit()
     generator, model_config = load_generator(MODEL_DIR)
     metrics = json.loads(METRICS_FILE.read_text())
     tags = lineage(params, read_manifest(PREPARED), model_config)

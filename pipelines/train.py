@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from gancore.models import build_gan
-from pipelines.config import ConfigError, Params, load_params
+from pipelines.config import Params, load_params_or_exit
 from pipelines.dataset import load_split, read_manifest
 from pipelines.ray_runtime import init_ray, storage
 from pipelines.storage import atomic_directory
@@ -60,7 +60,7 @@ class ProgressLine(UserCallback):
 
 def tuned_optimizer(params: Params, best_params_file: Path = BEST_PARAMS_FILE) -> dict[str, float]:
     """train.* optimizer settings, overridden by the tune stage's best trial when present."""
-    settings = {key: getattr(params.train, key) for key in ("lr_g", "lr_d", "beta1", "beta2")}
+    settings = params.train.optimizer()
     if best_params_file.is_file():
         settings.update(yaml.safe_load(best_params_file.read_text()) or {})
     return settings
@@ -74,20 +74,9 @@ def run_name(params: Params, optimizer: dict, dataset_hash: str) -> str:
 
 
 def fit(params: Params, images_ref, optimizer: dict, name: str):
-    loop = LoopConfig(
-        images=images_ref,
-        family=params.model.family,
-        latent_dim=params.model.latent_dim,
-        base_channels=params.model.base_channels,
-        loss=params.model.loss,
-        batch_size=params.train.batch_size,
-        steps=params.train.steps,
-        ema_decay=params.train.ema_decay,
-        report_every=params.train.log_every,
-        checkpoint_every=params.train.checkpoint_every,
-        seed=params.train.seed,
-        use_gpu=params.train.use_gpu,
-        **optimizer,
+    loop = LoopConfig.from_params(
+        params, images_ref, optimizer, steps=params.train.steps, report_every=params.train.log_every,
+        checkpoint_every=params.train.checkpoint_every, seed=params.train.seed,
     )
     storage_path, filesystem = storage(params.train.storage_path)
     trainer = TorchTrainer(
@@ -118,7 +107,7 @@ def export_model(state: dict, params: Params, image_shape: tuple, name: str, out
         "loss": params.model.loss,
         "steps": state["step"],
         "ray_run_name": name,
-        "optimizer": {key: state["config"][key] for key in ("lr_g", "lr_d", "beta1", "beta2")},
+        "optimizer": {key: state["config"][key] for key in params.train.optimizer()},
     }
     with atomic_directory(out_dir) as staging:
         torch.save(state["generator_ema"], staging / "generator_ema.pt")
@@ -148,10 +137,7 @@ def write_history(history: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    try:
-        params = load_params()
-    except ConfigError as error:
-        sys.exit(str(error))
+    params = load_params_or_exit()
     manifest = read_manifest(PREPARED)
     images, _ = load_split(PREPARED, "train")
     optimizer = tuned_optimizer(params)

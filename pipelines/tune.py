@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipelines.config import ConfigError, Distribution, Params, load_params
+from pipelines.config import Distribution, Params, load_params_or_exit
 from pipelines.dataset import load_split
 from pipelines.featurenet import load_featurenet
 from pipelines.ray_runtime import init_ray, storage
@@ -61,22 +61,9 @@ def run_trial(trial_config: dict, base: dict, storage_path: str, filesystem, num
 
 
 def run_search(params: Params, images_ref, reference_ref) -> tune.ResultGrid:
-    defaults = {key: getattr(params.train, key) for key in ("lr_g", "lr_d", "beta1", "beta2")}
-    base = LoopConfig(
-        images=images_ref,
-        family=params.model.family,
-        latent_dim=params.model.latent_dim,
-        base_channels=params.model.base_channels,
-        loss=params.model.loss,
-        batch_size=params.train.batch_size,
-        steps=params.tune.steps,
-        ema_decay=params.train.ema_decay,
-        report_every=params.tune.report_every,
-        checkpoint_every=0,
-        seed=params.tune.seed,
-        fid_reference=reference_ref,
-        fid_samples=params.tune.eval_samples,
-        **defaults,
+    base = LoopConfig.from_params(
+        params, images_ref, params.train.optimizer(), steps=params.tune.steps, report_every=params.tune.report_every,
+        checkpoint_every=0, seed=params.tune.seed, fid_reference=reference_ref, fid_samples=params.tune.eval_samples,
     ).to_dict()
     storage_path, filesystem = storage(params.train.storage_path)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -132,10 +119,7 @@ def write_outputs(results: tune.ResultGrid, keys: list[str]) -> dict:
 
 
 def main() -> None:
-    try:
-        params = load_params()
-    except ConfigError as error:
-        sys.exit(str(error))
+    params = load_params_or_exit()
     train_images, _ = load_split(PREPARED, "train")
     test_images, _ = load_split(PREPARED, "test")
     reference = real_feature_reference(load_featurenet(), test_images)

@@ -27,6 +27,7 @@ from gancore.metrics.fid import frechet_distance, gaussian_statistics
 from gancore.models import build_gan
 from gancore.models.classifier import Classifier
 from gancore.step import sample_latent, train_step
+from pipelines.config import Params
 from pipelines.ray_runtime import quiet_worker_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -51,10 +52,16 @@ class LoopConfig:
     report_every: int
     checkpoint_every: int  # 0: never checkpoint (tune trials)
     seed: int
-    use_gpu: bool = False
     # Domain-FID reports (tune): featurenet weights + real feature statistics.
     fid_reference: Any = None  # ray.ObjectRef of dict(classifier=..., mu=..., sigma=...)
     fid_samples: int = 0
+
+    @classmethod
+    def from_params(cls, params: Params, images: Any, optimizer: dict[str, float], **budget: Any) -> LoopConfig:
+        """Model and per-worker batch from params; the budget (steps, reporting, seed) from the caller."""
+        return cls(images=images, family=params.model.family, latent_dim=params.model.latent_dim,
+                   base_channels=params.model.base_channels, loss=params.model.loss,
+                   batch_size=params.train.batch_size, ema_decay=params.train.ema_decay, **optimizer, **budget)
 
     def to_dict(self) -> dict:
         return asdict(self)
