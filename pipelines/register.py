@@ -74,7 +74,8 @@ def lineage(params: Params, manifest: dict, model_config: dict) -> dict[str, str
         "params_hash": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
         "generator_sha256": file_sha256(MODEL_DIR / "generator_ema.pt"),
         "ray_run_name": model_config["ray_run_name"],
-        "ray_job_id": model_config.get("ray_job_id", ""),
+        "ray_job_id": model_config["ray_job_id"],
+        "ray_submission_id": model_config["ray_submission_id"],
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,8 @@ def export_model(state: dict, params: Params, image_shape: tuple, name: str, out
         "loss": params.model.loss,
         "steps": state["step"],
         "ray_run_name": name,
+        "ray_job_id": ray.get_runtime_context().get_job_id(),
+        "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", ""),  # set by `gan submit`
         "optimizer": {key: state["config"][key] for key in params.train.optimizer()},
     }
     with atomic_directory(out_dir) as staging:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import tiny_params
+from conftest import free_port, tiny_params
 from gancore.models import build_gan
 from pipelines import register
 
@@ -35,7 +37,7 @@ def write_workspace(root: Path, fid: float, seed: int) -> None:
     torch.save(discriminator.state_dict(), model_dir / "discriminator.pt")
     (model_dir / "config.json").write_text(json.dumps({
         "family": "dcgan", "latent_dim": LATENT_DIM, "channels": 1, "image_size": IMAGE_SIZE, "base_channels": 8,
-        "loss": "non_saturating", "steps": 10, "ray_run_name": f"train-{seed}", "ray_job_id": "01000000",
+        "loss": "non_saturating", "steps": 10, "ray_run_name": f"train-{seed}", "ray_job_id": "01000000", "ray_submission_id": "",
         "optimizer": {"lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999},
     }))
     evaluation = root / "results" / "eval"
@@ -89,7 +91,7 @@ def test_register_gates_champion_and_is_idempotent(workspace):
     run = client.get_run(client.get_model_version(name, "3").run_id)
     assert run.data.metrics["fid"] == 20.0
     assert run.data.tags["dataset_hash"] == "d" * 64
-    assert run.data.tags["ray_run_name"] == "train-3"
+    assert run.data.tags["ray_run_name"] == "train-3" and run.data.tags["ray_job_id"] == "01000000"
     assert run.data.tags["git_commit"]
     assert run.data.params["model.family"] == "dcgan"
     assert {"samples.png", "metrics.json", "manifest.json", "config.json"} <= {
@@ -120,3 +122,43 @@ def test_cli_promote_and_generate(workspace):
     # 4x4 tiles of 16 px with 2 px padding, scaled 3x for viewing.
     assert grid.size == (3 * (4 * (IMAGE_SIZE + 2) + 2),) * 2
     assert np.asarray(grid).std() > 0, "the grid holds generated pixels, not a blank image"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on loopback, one worker process (the default starts many)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not come up") from None
+                time.sleep(1)
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_register_through_a_tracking_server(workspace, mlflow_server, monkeypatch):
+    url, artifact_root = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    write_workspace(workspace, fid=50.0, seed=1)
+    register.main()
+    name = tiny_params()["register"]["model_name"]
+    assert aliases(name) == {"challenger": "1", "champion": "1"}
+    assert not (workspace / "mlflow.db").exists(), "with a server configured nothing is tracked locally"
+    assert any(path.name == "samples.png" for path in artifact_root.rglob("*")), "artifacts reach the server"
+    recorded = json.loads((workspace / "results/register/model_version.json").read_text())
+    assert recorded["tracking_uri"] == url
