@@ -8,7 +8,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -19,12 +20,12 @@ class ExponentialMovingAverage:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move parameters toward `model`'s and copy its buffers (e.g. BatchNorm statistics)."""
-        source = _unwrap(model)
+        source = unwrap(model)
         for ema_param, param in zip(self.module.parameters(), source.parameters(), strict=True):
             ema_param.lerp_(param.detach(), 1.0 - self.decay)
         for ema_buffer, buffer in zip(self.module.buffers(), source.buffers(), strict=True):

@@ -13,6 +13,19 @@ def sample_latent(
     return torch.randn(n, latent_dim, generator=noise_generator, device=device)
 
 
+@torch.no_grad()
+def generate_images(
+    generator: nn.Module, count: int, latent_dim: int, seed: int, device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """`count` samples on the CPU from latents drawn with `seed`, in batches (same seed, same images)."""
+    noise = torch.Generator().manual_seed(seed)
+    return torch.cat([
+        generator(sample_latent(min(batch_size, count - start), latent_dim, "cpu", noise).to(device)).cpu()
+        for start in range(0, count, batch_size)
+    ])
+
+
 def train_step(
     generator: nn.Module,
     discriminator: nn.Module,

@@ -63,13 +63,13 @@ def generate(
     import mlflow.pytorch
     import torch
 
-    from pipelines.evaluate import generate as sample, save_grid
+    from gancore.step import generate_images
+    from pipelines.evaluate import save_grid
     from pipelines.register import configure_mlflow
 
     configure_mlflow()
     generator = mlflow.pytorch.load_model(model, map_location="cpu").eval()
-    latent_dim = generator.latent_dim
-    images = sample(generator, n, latent_dim, seed)
+    images = generate_images(generator, n, generator.latent_dim, seed)
     save_grid(images, out)
     typer.echo(f"{n} samples from {model} -> {out} ({tuple(images.shape[1:])}, torch {torch.__version__})")
 

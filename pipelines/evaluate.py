@@ -24,7 +24,7 @@ from gancore.metrics.features import extract
 from gancore.metrics.fid import fid
 from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
-from gancore.step import sample_latent
+from gancore.step import generate_images
 from pipelines.config import EvalParams, load_params_or_exit
 from pipelines.dataset import load_split
 from pipelines.featurenet import load_featurenet
@@ -35,13 +35,6 @@ PREPARED = Path("data/prepared")
 METRICS_FILE = Path("results/eval/metrics.json")
 SAMPLES_FILE = Path("results/eval/samples.png")
 CURVES_FILE = Path("results/eval/curves.png")
-
-
-@torch.no_grad()
-def generate(generator: torch.nn.Module, count: int, latent_dim: int, seed: int) -> torch.Tensor:
-    noise = torch.Generator().manual_seed(seed)
-    return torch.cat([generator(sample_latent(min(256, count - start), latent_dim, "cpu", noise))
-                      for start in range(0, count, 256)])
 
 
 def score(features_a, probs_a, features_b, params: EvalParams) -> dict:
@@ -99,7 +92,7 @@ def main() -> None:
     rng = np.random.default_rng(params.seed)
     real_test = from_uint8(test_images[rng.choice(len(test_images), n, replace=False)])
     real_train = from_uint8(train_images[rng.choice(len(train_images), n, replace=False)])
-    fakes = generate(generator, n, model_config["latent_dim"], params.seed)
+    fakes = generate_images(generator, n, model_config["latent_dim"], params.seed)
 
     test_features, test_probs = extract(classifier, real_test)
     train_features, train_probs = extract(classifier, real_train)

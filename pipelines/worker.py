@@ -18,15 +18,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from gancore.ema import ExponentialMovingAverage
+from gancore.ema import ExponentialMovingAverage, unwrap
 from gancore.images import from_uint8
 from gancore.metrics.features import extract
 from gancore.metrics.fid import frechet_distance, gaussian_statistics
 from gancore.models import build_gan
 from gancore.models.classifier import Classifier
-from gancore.step import sample_latent, train_step
+from gancore.step import generate_images, train_step
 from pipelines.config import Params
 from pipelines.ray_runtime import quiet_worker_logs
 
@@ -67,10 +66,6 @@ class LoopConfig:
         return asdict(self)
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def batch_indices(num_images: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
     """Indices of this worker's batch at `step`: epoch-wise permutation, rank-strided."""
     per_worker = num_images // world_size
@@ -87,15 +82,8 @@ def batch_indices(num_images: int, batch_size: int, step: int, seed: int, rank: 
 
 
 def domain_fid(generator: torch.nn.Module, reference: dict, num_samples: int, latent_dim: int, device) -> float:
-    classifier = reference["classifier"].to(device)
-    noise = torch.Generator(device="cpu").manual_seed(12345)
-    with torch.no_grad():
-        fakes = torch.cat(
-            [generator(sample_latent(min(256, num_samples - start), latent_dim, "cpu", noise).to(device)).cpu()
-             for start in range(0, num_samples, 256)]
-        )
-    features, _ = extract(classifier, fakes)
-    mu, sigma = gaussian_statistics(features)
+    fakes = generate_images(generator, num_samples, latent_dim, seed=12345, device=device)
+    mu, sigma = gaussian_statistics(extract(reference["classifier"], fakes)[0])
     return frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
 
 

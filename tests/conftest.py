@@ -81,7 +81,8 @@ def ray_local() -> Iterator[None]:
     """A real local Ray runtime with the 2 CPUs this machine has."""
     import ray
 
-    ray.init(num_cpus=2, logging_level="WARNING", include_dashboard=False)
+    # With the dashboard, as in the stages: Ray Train's placement-group cleanup asks its state API.
+    ray.init(num_cpus=2, logging_level="WARNING")
     try:
         yield
     finally:

@@ -161,3 +161,16 @@ def test_train_step_and_ema_under_ddp(tmp_path):
             torch.testing.assert_close(ema_p, p)
     finally:
         dist.destroy_process_group()
+
+
+def test_generate_images_is_seeded_and_batched():
+    from gancore.models import build_gan
+    from gancore.step import generate_images
+
+    torch.manual_seed(0)
+    generator, _ = build_gan("dcgan", 8, 1, 16, 8)
+    generator.eval()
+    first = generate_images(generator, 10, 8, seed=3, batch_size=4)
+    assert first.shape == (10, 1, 16, 16)
+    assert torch.equal(first, generate_images(generator, 10, 8, seed=3, batch_size=4)), "same seed, same images"
+    assert not torch.equal(first, generate_images(generator, 10, 8, seed=4, batch_size=4))
