@@ -107,6 +107,7 @@ class TrainParams(OptimizerParams):
     max_failures: Annotated[int, Field(ge=-1)]
     storage_path: str
     seed: int
+    use_tuned: bool
 
 
 class Distribution(Section):

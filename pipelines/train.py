@@ -60,16 +60,25 @@ class ProgressLine(UserCallback):
 
 
 def tuned_optimizer(params: Params, best_params_file: Path = BEST_PARAMS_FILE) -> dict[str, float]:
-    """train.* optimizer settings, overridden by the tune stage's best trial when present."""
+    """train.* optimizer settings, overridden by the tune stage's best trial unless train.use_tuned is false."""
     settings = params.train.optimizer()
-    if best_params_file.is_file():
+    if params.train.use_tuned:
+        if not best_params_file.is_file():
+            raise FileNotFoundError(f"{best_params_file} is missing: run `dvc repro tune`, or set"
+                                    " train.use_tuned: false to train with train.lr_g/lr_d/beta1/beta2 as given")
         settings.update(yaml.safe_load(best_params_file.read_text()) or {})
     return settings
 
 
+# Settings that do not change what a step computes: a run with more steps (or other reporting)
+# continues from the stored checkpoints instead of starting over.
+NOT_SHAPING = {"steps", "log_every", "checkpoint_every", "max_failures", "storage_path", "use_tuned"}
+
+
 def run_name(params: Params, optimizer: dict, dataset_hash: str) -> str:
-    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(), "optimizer": optimizer,
-               "data": dataset_hash}
+    """The Ray run's name: a hash of everything that shapes the weights at a given step."""
+    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude=NOT_SHAPING),
+               "optimizer": optimizer, "data": dataset_hash}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"train-{digest}"
 

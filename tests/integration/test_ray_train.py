@@ -10,7 +10,7 @@ import ray
 
 from conftest import tiny_params
 from pipelines.config import parse_params
-from pipelines.train import fit, tuned_optimizer
+from pipelines.train import fit
 from pipelines.worker import batch_indices, load_checkpoint
 
 
@@ -37,7 +37,7 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     raw = tiny_params(train={"steps": 6, "log_every": 2, "checkpoint_every": 2, "storage_path": str(tmp_path)})
     params = parse_params(raw)
     images_ref = ray.put(blobs())
-    optimizer = tuned_optimizer(params, tmp_path / "no-tune-results.yaml")
+    optimizer = params.train.optimizer()
 
     result = fit(params, images_ref, optimizer, name="resume-test")
     assert result.error is None
@@ -53,5 +53,8 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     longer = parse_params(tiny_params(train={**raw["train"], "steps": 8}))
     resumed = load_checkpoint(fit(longer, images_ref, optimizer, name="resume-test").checkpoint)
     assert [row["step"] for row in resumed["history"]] == [2, 4, 6, 8], "finished work is kept, not redone"
+    # An interrupted or repeated `dvc repro` with nothing changed finds the finished run and trains nothing.
+    repeated = load_checkpoint(fit(longer, images_ref, optimizer, name="resume-test").checkpoint)
+    assert repeated["history"] == resumed["history"]
     first_steps = {row["step"]: row["loss_d"] for row in state["history"]}
     assert all(first_steps[row["step"]] == row["loss_d"] for row in resumed["history"][:3])
