@@ -77,8 +77,12 @@ def tiny_params(**sections: dict) -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """A real local Ray runtime with the 2 CPUs this machine has."""
+def ray_local(s3_endpoint: str) -> Iterator[None]:
+    """A real local Ray runtime with the 2 CPUs this machine has.
+
+    Started after the S3 endpoint, as a stage does: workers inherit the AWS_* environment,
+    which pyarrow's S3 filesystem (Ray storage on s3://) reads on each worker.
+    """
     import ray
 
     # With the dashboard, as in the stages: Ray Train's placement-group cleanup asks its state API.
