@@ -86,7 +86,7 @@ def submit(
     """Run the pipeline on a Ray cluster through the Jobs API (like `ray job submit -- dvc repro`)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = UPLOAD_DEFAULT_EXCLUDES
+    os.environ.setdefault("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", UPLOAD_DEFAULT_EXCLUDES)
     client = JobSubmissionClient(address)
     submission_id = f"gan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}

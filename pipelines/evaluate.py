@@ -7,7 +7,6 @@ perfect generator would get with this N and this feature space.
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import matplotlib
