@@ -1,29 +1,64 @@
-"""One discriminator update followed by one generator update; every runner calls this."""
+"""One training step (critic updates, then one generator update); every runner calls this."""
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from gancore.augment import diff_augment
+from gancore.ema import unwrap
+from gancore.health import gradient_norm
 from gancore.losses import discriminator_loss, generator_loss
+from gancore.regularizers import feature_matching_loss, gradient_penalty, r1_penalty
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The training recipe of one step; the pipeline fills it from params.yaml."""
+
+    latent_dim: int
+    loss: str
+    num_classes: int  # 0: unconditional
+    critic_steps: int  # D updates per G update (5 for WGAN-GP)
+    gradient_penalty: float  # lambda of Gulrajani et al. 2017; 0 disables
+    r1_gamma: float  # gamma of Mescheder et al. 2018; 0 disables
+    label_smoothing: float  # one-sided: D's target for real samples is 1 - label_smoothing
+    feature_matching: float  # weight of Salimans et al.'s feature-matching term in G's loss
+    augment: tuple[str, ...]  # DiffAugment policy, applied to every image D sees
 
 
 def sample_latent(
     n: int, latent_dim: int, device: torch.device | str, noise_generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Standard normal latents of shape (n, latent_dim)."""
-    return torch.randn(n, latent_dim, generator=noise_generator, device=device)
+    """Standard normal latents of shape (n, latent_dim), drawn on the CPU so every device gets the same values."""
+    return torch.randn(n, latent_dim, generator=noise_generator).to(device)
+
+
+def sample_labels(
+    n: int, num_classes: int, device: torch.device | str, noise_generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """Uniform class labels for fakes, or None for an unconditional model."""
+    if num_classes == 0:
+        return None
+    return torch.randint(num_classes, (n,), generator=noise_generator).to(device)
 
 
 @torch.no_grad()
 def generate_images(
     generator: nn.Module, count: int, latent_dim: int, seed: int, device: torch.device | str = "cpu",
-    batch_size: int = 256,
+    batch_size: int = 256, num_classes: int = 0,
 ) -> torch.Tensor:
-    """`count` samples on the CPU from latents drawn with `seed`, in batches (same seed, same images)."""
+    """`count` samples on the CPU from latents drawn with `seed`, in batches (same seed, same images).
+
+    A conditional generator gets labels 0, 1, ..., num_classes - 1, 0, 1, ...: equal counts per class.
+    """
     noise = torch.Generator().manual_seed(seed)
-    return torch.cat([
-        generator(sample_latent(min(batch_size, count - start), latent_dim, "cpu", noise).to(device)).cpu()
-        for start in range(0, count, batch_size)
-    ])
+    batches = []
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        labels = (torch.arange(start, start + size) % num_classes).to(device) if num_classes else None
+        batches.append(generator(sample_latent(size, latent_dim, device, noise), labels).cpu())
+    return torch.cat(batches)
 
 
 def train_step(
@@ -32,29 +67,67 @@ def train_step(
     generator_optimizer: torch.optim.Optimizer,
     discriminator_optimizer: torch.optim.Optimizer,
     real: torch.Tensor,
-    latent_dim: int,
-    loss: str,
+    labels: torch.Tensor | None,
+    settings: StepSettings,
     noise_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """Update D on `real` vs. detached fakes, then G on fresh latents; returns the step's losses and mean logits."""
-    batch_size = real.shape[0]
+    """`settings.critic_steps` D updates, one per equal chunk of `real`, then one G update.
 
-    with torch.no_grad():
-        fake = generator(sample_latent(batch_size, latent_dim, real.device, noise_generator))
-    # Real and fake go through D separately so BatchNorm never mixes their statistics.
-    real_logits = discriminator(real)
-    fake_logits = discriminator(fake)
-    loss_d = discriminator_loss(loss, real_logits, fake_logits)
-    discriminator_optimizer.zero_grad(set_to_none=True)
-    loss_d.backward()
-    discriminator_optimizer.step()
+    Returns the last D update's loss and mean logits, G's loss and both gradient norms.
+    `generator` and `discriminator` may be DDP wrappers; all randomness comes from `noise_generator`.
+    """
+    if settings.num_classes and labels is None:
+        raise ValueError("a conditional model needs the real images' labels")
+    device = real.device
+    batch_size = real.shape[0] // settings.critic_steps
+    if batch_size == 0 or real.shape[0] % settings.critic_steps:
+        raise ValueError(f"a batch of {real.shape[0]} cannot be split evenly into {settings.critic_steps} critic steps")
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        return diff_augment(images, settings.augment, noise_generator)
+
+    real_target = 1.0 - settings.label_smoothing
+    for critic_step in range(settings.critic_steps):
+        chunk = slice(critic_step * batch_size, (critic_step + 1) * batch_size)
+        real_chunk = real[chunk]
+        real_labels = labels[chunk] if labels is not None else None
+        with torch.no_grad():
+            fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
+            fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
+        # Real and fake go through D separately so BatchNorm never mixes their statistics.
+        real_logits = discriminator(augment(real_chunk), real_labels)
+        fake_logits = discriminator(augment(fake), fake_labels)
+        loss_d = discriminator_loss(settings.loss, real_logits, fake_logits, real_target)
+        if settings.gradient_penalty:
+            mix = torch.rand(batch_size, generator=noise_generator)
+            # Interpolating between a real and a fake of different classes has no single label;
+            # the real one is used, as in conditional WGAN-GP implementations.
+            loss_d = loss_d + settings.gradient_penalty * gradient_penalty(
+                unwrap(discriminator), real_chunk, fake, real_labels, mix
+            )
+        if settings.r1_gamma:
+            loss_d = loss_d + 0.5 * settings.r1_gamma * r1_penalty(unwrap(discriminator), real_chunk, real_labels)
+        discriminator_optimizer.zero_grad(set_to_none=True)
+        loss_d.backward()
+        grad_norm_d = gradient_norm(discriminator.parameters())
+        discriminator_optimizer.step()
 
     # D keeps requires_grad: toggling it would break DDP's reducer. The gradients D picks up
     # here are cleared by zero_grad before its next update.
-    fake_logits_g = discriminator(generator(sample_latent(batch_size, latent_dim, real.device, noise_generator)))
-    loss_g = generator_loss(loss, fake_logits_g)
+    fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
+    fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
+    if settings.feature_matching:
+        fake_logits_g, fake_features = discriminator(augment(fake), fake_labels, return_features=True)
+        with torch.no_grad():
+            _, real_features = discriminator(augment(real_chunk), real_labels, return_features=True)
+        loss_g = generator_loss(settings.loss, fake_logits_g)
+        loss_g = loss_g + settings.feature_matching * feature_matching_loss(real_features, fake_features)
+    else:
+        fake_logits_g = discriminator(augment(fake), fake_labels)
+        loss_g = generator_loss(settings.loss, fake_logits_g)
     generator_optimizer.zero_grad(set_to_none=True)
     loss_g.backward()
+    grad_norm_g = gradient_norm(generator.parameters())
     generator_optimizer.step()
 
     return {
@@ -62,4 +135,6 @@ def train_step(
         "loss_g": loss_g.item(),
         "d_real": real_logits.detach().mean().item(),
         "d_fake": fake_logits.detach().mean().item(),
+        "grad_norm_d": grad_norm_d,
+        "grad_norm_g": grad_norm_g,
     }

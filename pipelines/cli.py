@@ -69,7 +69,7 @@ def generate(
 
     configure_mlflow()
     generator = mlflow.pytorch.load_model(model, map_location="cpu").eval()
-    images = generate_images(generator, n, generator.latent_dim, seed)
+    images = generate_images(generator, n, generator.latent_dim, seed, num_classes=generator.num_classes)
     save_grid(images, out)
     typer.echo(f"{n} samples from {model} -> {out} ({tuple(images.shape[1:])}, torch {torch.__version__})")
 

@@ -14,13 +14,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gancore.losses import LOSSES
-from gancore.models import FAMILIES
+from gancore.augment import POLICIES
+from gancore.losses import LOSSES, SMOOTHABLE
+from gancore.models import FAMILIES, ModelSpec
+from gancore.step import StepSettings
 
 PARAMS_FILE = Path("params.yaml")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
@@ -40,6 +43,11 @@ class DataParams(Section):
     shard_size: PositiveInt
     split_seed: int
     download_workers: PositiveInt
+    resize_filter: Literal["lanczos", "bicubic", "hamming", "bilinear", "box"]
+    max_image_pixels: PositiveInt
+    min_image_side: PositiveInt
+    on_error: Literal["skip", "fail"]
+    max_rejected_fraction: Annotated[float, Field(ge=0, lt=1)]
 
     @field_validator("image_size")
     @classmethod
@@ -68,7 +76,16 @@ class ModelParams(Section):
     family: str
     latent_dim: PositiveInt
     base_channels: PositiveInt
+    conditional: bool
+    spectral_norm: bool
+    minibatch_discrimination: bool
     loss: str
+    critic_steps: PositiveInt
+    gradient_penalty: NonNegativeFloat
+    r1_gamma: NonNegativeFloat
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    feature_matching: NonNegativeFloat
+    augment: list[str]
 
     @field_validator("family")
     @classmethod
@@ -84,6 +101,49 @@ class ModelParams(Section):
             raise ValueError(f"unknown loss {value!r}; choose one of {', '.join(LOSSES)}")
         return value
 
+    @field_validator("augment")
+    @classmethod
+    def _known_policies(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in POLICIES]
+        if unknown:
+            raise ValueError(f"unknown DiffAugment policy {unknown}; choose from {', '.join(POLICIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _compatible(self) -> ModelParams:
+        if self.gradient_penalty and self.family == "dcgan":
+            raise ValueError("gradient_penalty needs a critic without batch norm (the penalty is per sample): "
+                             "use family wgan_gp, sngan or mlp, or set gradient_penalty: 0")
+        if self.label_smoothing and self.loss not in SMOOTHABLE:
+            raise ValueError(f"label_smoothing needs a loss with a real target ({', '.join(SMOOTHABLE)}); "
+                             f"{self.loss} has none: set label_smoothing: 0")
+        return self
+
+    def classes(self, num_classes: int) -> int:
+        """Classes the model conditions on (0: unconditional), given the prepared data's class count."""
+        if self.conditional and num_classes < 2:
+            raise ConfigError(f"model.conditional: true needs labelled data with at least 2 classes (one folder per "
+                              f"class under data.source), but the prepared data has {num_classes}; set "
+                              f"model.conditional: false or label the data")
+        return num_classes if self.conditional else 0
+
+    def step_settings(self, num_classes: int) -> StepSettings:
+        """The training recipe for gancore's train_step; num_classes comes from the prepared data."""
+        return StepSettings(
+            latent_dim=self.latent_dim, loss=self.loss, num_classes=self.classes(num_classes),
+            critic_steps=self.critic_steps, gradient_penalty=self.gradient_penalty, r1_gamma=self.r1_gamma,
+            label_smoothing=self.label_smoothing, feature_matching=self.feature_matching,
+            augment=tuple(self.augment),
+        )
+
+    def spec(self, channels: int, image_size: int, num_classes: int) -> ModelSpec:
+        """The architecture for gancore's build_gan, for data of this shape."""
+        return ModelSpec(
+            family=self.family, latent_dim=self.latent_dim, channels=channels, image_size=image_size,
+            base_channels=self.base_channels, num_classes=self.classes(num_classes),
+            spectral_norm=self.spectral_norm, minibatch_discrimination=self.minibatch_discrimination,
+        )
+
 
 class OptimizerParams(Section):
     lr_g: PositiveFloat
@@ -94,6 +154,17 @@ class OptimizerParams(Section):
     def optimizer(self) -> dict[str, float]:
         """Just the Adam settings (the keys tune may search), whichever section holds them."""
         return {key: getattr(self, key) for key in OptimizerParams.model_fields}
+
+
+class HealthParams(Section):
+    """When a run is stopped as diverged or mode-collapsed (and so never registered)."""
+
+    max_grad_norm: PositiveFloat
+    check_every: PositiveInt
+    warmup_steps: Annotated[int, Field(ge=0)]
+    samples: Annotated[int, Field(ge=2)]
+    min_class_coverage: Annotated[float, Field(ge=0, le=1)]
+    min_diversity: NonNegativeFloat
 
 
 class TrainParams(OptimizerParams):
@@ -108,6 +179,7 @@ class TrainParams(OptimizerParams):
     storage_path: str
     seed: int
     use_tuned: bool
+    health: HealthParams
 
 
 class Distribution(Section):
@@ -159,8 +231,19 @@ class EvalParams(Section):
     kid_subsets: PositiveInt
     is_splits: PositiveInt
     bootstrap_resamples: PositiveInt
+    precision_recall_k: PositiveInt
+    density_coverage_k: PositiveInt
+    inception_weights: str | None
     grid_size: PositiveInt
     seed: int
+
+    @field_validator("inception_weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError("no such file; give the path of the TorchScript Inception-v3 file "
+                             "(inception-2015-12-05.pt, as used by clean-fid and StyleGAN3) or null")
+        return value
 
 
 class RegisterParams(Section):

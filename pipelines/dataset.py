@@ -52,3 +52,12 @@ def load_split(root: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
         size, channels = manifest["image_size"], manifest["channels"]
         return np.zeros((0, size, size, channels), dtype=np.uint8), np.zeros(0, dtype=np.int64)
     return np.concatenate(images), np.concatenate(labels)
+
+
+def training_set(root: Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The train split as dict(images, labels), and the shape a model needs: channels, image_size, num_classes."""
+    manifest = read_manifest(root)
+    images, labels = load_split(root, "train")
+    shape = {"channels": manifest["channels"], "image_size": manifest["image_size"],
+             "num_classes": len(manifest["class_names"])}
+    return {"images": images, "labels": labels}, shape

@@ -1,7 +1,8 @@
-"""Stage evaluate: FID, KID and Inception Score in featurenet space, beside the real-vs-real baseline.
+"""Stage evaluate: FID, KID, IS, precision/recall and density/coverage beside the real-vs-real baseline.
 
-The baseline compares N training images with the N held-out ones: the score a
-perfect generator would get with this N and this feature space.
+Scored in featurenet space, and also in Inception-v3 space when eval.inception_weights
+points at a local TorchScript file. The baseline compares N training images with the
+N held-out ones: the score a perfect generator would get with this N and this feature space.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from gancore.images import from_uint8, make_grid
 from gancore.metrics.bootstrap import bootstrap_interval
 from gancore.metrics.features import extract
 from gancore.metrics.fid import fid
+from gancore.metrics.inception import inception_features
 from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
+from gancore.metrics.prdc import coverage, density, precision, recall
 from gancore.step import generate_images
 from pipelines.config import EvalParams, load_params_or_exit
 from pipelines.dataset import load_split
@@ -36,24 +39,39 @@ SAMPLES_FILE = Path("results/eval/samples.png")
 CURVES_FILE = Path("results/eval/curves.png")
 
 
-def score(features_a, probs_a, features_b, params: EvalParams) -> dict:
-    """FID, KID and IS of set a against reference set b, each with N and a bootstrap interval."""
-    n = len(features_a)
+def score(features: np.ndarray, probs: np.ndarray | None, reference: np.ndarray, params: EvalParams) -> dict:
+    """Metrics of a sample set against the real reference set, each with N and a 95% bootstrap interval.
+
+    FID and KID (lower is better), Inception Score from class probabilities when given, and
+    precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al. 2020).
+    """
+    n = len(features)
 
     def kid_mean(a, b):
         return kid(a, b, num_subsets=params.kid_subsets, subset_size=params.kid_subset_size, seed=params.seed)[0]
 
-    def interval(metric):
-        low, high = bootstrap_interval(metric, features_a, features_b, num_resamples=params.bootstrap_resamples,
-                                       seed=params.seed)
-        return {"ci95_low": low, "ci95_high": high}
-
-    is_mean, is_std = inception_score(probs_a, splits=params.is_splits)
-    return {
-        "fid": {"value": fid(features_a, features_b), **interval(fid), "n": n},
-        "kid": {"value": kid_mean(features_a, features_b), **interval(kid_mean), "n": n},
-        "inception_score": {"value": is_mean, "std_over_splits": is_std, "splits": params.is_splits, "n": n},
+    # PRDC take (real, fake); the bootstrap passes (samples, reference).
+    manifold_metrics = {
+        "precision": lambda a, b: precision(b, a, k=params.precision_recall_k),
+        "recall": lambda a, b: recall(b, a, k=params.precision_recall_k),
+        "density": lambda a, b: density(b, a, k=params.density_coverage_k),
+        "coverage": lambda a, b: coverage(b, a, k=params.density_coverage_k),
     }
+
+    def with_interval(metric, bounds=(-np.inf, np.inf)) -> dict:
+        low, high = bootstrap_interval(metric, features, reference, num_resamples=params.bootstrap_resamples,
+                                       seed=params.seed)
+        return {"value": metric(features, reference), "ci95_low": max(low, bounds[0]),
+                "ci95_high": min(high, bounds[1]), "n": n}
+
+    result = {"fid": with_interval(fid), "kid": with_interval(kid_mean)}
+    if probs is not None:
+        is_mean, is_std = inception_score(probs, splits=params.is_splits)
+        result["inception_score"] = {"value": is_mean, "std_over_splits": is_std, "splits": params.is_splits, "n": n}
+    for name, metric in manifold_metrics.items():
+        # Precision, recall and coverage are fractions; density may exceed 1.
+        result[name] = with_interval(metric, (0.0, np.inf if name == "density" else 1.0))
+    return result
 
 
 def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
@@ -91,7 +109,8 @@ def main() -> None:
     rng = np.random.default_rng(params.seed)
     real_test = from_uint8(test_images[rng.choice(len(test_images), n, replace=False)])
     real_train = from_uint8(train_images[rng.choice(len(train_images), n, replace=False)])
-    fakes = generate_images(generator, n, model_config["latent_dim"], params.seed)
+    fakes = generate_images(generator, n, model_config["latent_dim"], params.seed,
+                            num_classes=model_config["num_classes"])
 
     test_features, test_probs = extract(classifier, real_test)
     train_features, train_probs = extract(classifier, real_train)
@@ -100,13 +119,21 @@ def main() -> None:
     generated = score(fake_features, fake_probs, test_features, params)
     baseline = score(train_features, train_probs, test_features, params)
     metrics = {**generated, "real_vs_real": baseline, "feature_space": "featurenet", "n": n}
+    if params.inception_weights is not None:
+        print(f"[evaluate] scoring in Inception-v3 space ({params.inception_weights})", flush=True)
+        test_i, train_i, fake_i = (inception_features(params.inception_weights, images)
+                                   for images in (real_test, real_train, fakes))
+        metrics["inception_v3"] = {**score(fake_i, None, test_i, params),
+                                   "real_vs_real": score(train_i, None, test_i, params)}
     write_json_atomic(METRICS_FILE, metrics)
     save_grid(fakes[: params.grid_size], SAMPLES_FILE)
     plot_curves(HISTORY_FILE, CURVES_FILE)
     print(
         f"[evaluate] FID {generated['fid']['value']:.2f} (real-vs-real {baseline['fid']['value']:.2f}),"
         f" KID {generated['kid']['value']:.4f} ({baseline['kid']['value']:.4f}),"
-        f" IS {generated['inception_score']['value']:.2f} ({baseline['inception_score']['value']:.2f}), N={n}"
+        f" IS {generated['inception_score']['value']:.2f} ({baseline['inception_score']['value']:.2f}),"
+        f" precision {generated['precision']['value']:.3f} ({baseline['precision']['value']:.3f}),"
+        f" recall {generated['recall']['value']:.3f} ({baseline['recall']['value']:.3f}), N={n}"
         f" -> {METRICS_FILE}, {SAMPLES_FILE}",
         flush=True,
     )

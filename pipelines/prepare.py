@@ -1,63 +1,69 @@
 """Stage `prepare`: S3 (or local) images -> validated, resized, split, sharded arrays.
 
-Reads `data.*` and the objects under `data.source`; writes `data/prepared/`
-(`<split>-NNNNN.npz` shards + `manifest.json`) and `reports/data.json` (every rejected
-object and why). The split and the shard contents depend only on image contents,
-`data.split_seed` and `data.test_fraction`, never on listing order or object names.
+Reads `data.*` and the objects under `data.source` (image files, WebDataset tar shards,
+.npz arrays: see pipelines/sources.py); writes `data/prepared/` (`<split>-NNNNN.npz`
+shards + `manifest.json`) and `reports/data.json` (every rejected image and why). The
+split and the shard contents depend only on image contents, `data.split_seed` and
+`data.test_fraction`, never on listing order or object names.
+
+Objects are listed, downloaded and decoded in parallel as a stream; accepted pixels wait
+in a scratch file until the shards are cut, so memory holds a few objects in flight, one
+shard, and a few hundred bytes of metadata per image, whatever the dataset's size.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import re
 import sys
-import zipfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipelines.config import ConfigError, DataParams, load_params
+from pipelines.shards import PixelSpill, write_npz
+from pipelines.sources import ImageShape, Sample, read_samples
 from pipelines.storage import (
     StorageError,
     StoredObject,
     atomic_directory,
-    list_objects,
-    read_bytes,
+    iter_objects,
+    open_object,
+    parallel_unordered,
     sha256_file,
     write_json_atomic,
 )
 
 PREPARED_DIR = Path("data/prepared")
 REPORT_PATH = Path("reports/data.json")
-RESIZE_FILTER = Image.Resampling.LANCZOS
-PIL_MODES = {1: "L", 3: "RGB"}
+CROP = "centre"
 SPLITS = ("train", "test")
 UNLABELLED = -1
 
 
 class DataQualityError(RuntimeError):
-    """Too few usable images; the data report lists each rejected object."""
+    """Too many unusable images (or one, with data.on_error: fail); the data report lists each and why."""
 
 
-@dataclass(frozen=True)
-class Fetched:
-    stored: StoredObject
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """An accepted image: everything but its pixels, which wait in the spill at `record`."""
+
+    source: StoredObject
+    key: str
     sha256: str
-    pixels: np.ndarray | None  # (H, W, C) uint8, None when rejected
-    problem: str | None
+    label: str | None
+    record: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Example:
-    stored: StoredObject
-    sha256: str
-    pixels: np.ndarray
+    image: Accepted
     label: int
     split: str
 
@@ -69,104 +75,126 @@ def split_of(content_sha256: str, split_seed: int, test_fraction: float) -> str:
 
 def prepare(data: DataParams, out_dir: Path = PREPARED_DIR, report_path: Path = REPORT_PATH) -> dict[str, Any]:
     """Run the stage on `data`; return the manifest written to `out_dir/manifest.json`."""
-    objects = list_objects(data.source)
-    class_names = sorted({stored.key.split("/", 1)[0] for stored in objects if "/" in stored.key})
-    fetched = _fetch_all(objects, data)
-
-    examples: list[Example] = []
-    rejects: list[dict[str, str]] = []
-    first_key_of: dict[str, str] = {}
-    for item in fetched:  # key order, so the first copy of a duplicate is the one kept
-        if item.problem is not None:
-            rejects.append({"key": item.stored.key, "reason": item.problem})
-        elif item.sha256 in first_key_of:
-            rejects.append({"key": item.stored.key, "reason": f"duplicate of {first_key_of[item.sha256]}"})
-        else:
-            first_key_of[item.sha256] = item.stored.key
-            examples.append(
-                Example(
-                    stored=item.stored,
-                    sha256=item.sha256,
-                    pixels=item.pixels,
-                    label=_label(item.stored.key, class_names),
-                    split=split_of(item.sha256, data.split_seed, data.test_fraction),
-                )
-            )
-
-    report = {
-        "source": data.source,
-        "listed": len(objects),
-        "accepted": len(examples),
-        "rejected": len(rejects),
-        "rejects": rejects,
-    }
-    write_json_atomic(report_path, report)
-    if not examples or 2 * len(rejects) > len(objects):
-        raise DataQualityError(
-            f"{len(rejects)} of {len(objects)} objects under {data.source} were rejected, leaving "
-            f"{len(examples)} usable images; see {report_path} for each key and reason"
-        )
-
+    shape = ImageShape.of(data)
     with atomic_directory(out_dir) as staging:
-        shards = _write_shards(examples, data.shard_size, staging)
-        manifest = _manifest(data, class_names, examples, shards, len(rejects))
+        spill = PixelSpill(staging / ".pixels", (data.image_size, data.image_size, data.channels))
+        try:
+            reading = _Reading(data, report_path)
+            reading.read_all(shape, spill)
+            images = reading.finish()
+            class_names = sorted({image.label for image in images if image.label is not None}, key=_natural)
+            examples = [
+                Example(
+                    image=image,
+                    label=UNLABELLED if image.label is None else class_names.index(image.label),
+                    split=split_of(image.sha256, data.split_seed, data.test_fraction),
+                )
+                for image in images
+            ]
+            shards = _write_shards(examples, spill, data.shard_size, staging)
+        finally:
+            spill.close()
+        manifest = _manifest(data, class_names, examples, shards, len(reading.rejects))
         write_json_atomic(staging / "manifest.json", manifest)
     return manifest
 
 
-def _fetch_all(objects: list[StoredObject], data: DataParams) -> list[Fetched]:
-    def fetch(stored: StoredObject) -> Fetched:
-        return _decode(stored, read_bytes(stored.uri), data.image_size, PIL_MODES[data.channels])
+class _Reading:
+    """Collects what the objects hold: accepted images deduplicated by content, rejects with reasons."""
 
-    with ThreadPoolExecutor(data.download_workers) as pool:
-        # map keeps listing order and cancels queued downloads if one raises
-        return list(tqdm(pool.map(fetch, objects), total=len(objects), unit="obj", desc="download"))
+    def __init__(self, data: DataParams, report_path: Path) -> None:
+        self.data = data
+        self.report_path = report_path
+        self.listed = 0
+        self.kept: dict[str, Accepted] = {}  # by sha256: of identical images, the one with the smallest key
+        self.rejects: list[dict[str, str]] = []
+
+    def read_all(self, shape: ImageShape, spill: PixelSpill) -> None:
+        def read(stored: StoredObject) -> list[Accepted | dict[str, str]]:
+            with open_object(stored) as stream:
+                return [_spilled(stored, sample, spill) for sample in read_samples(stored, stream, shape)]
+
+        # closing(): a failure stops the downloads in flight before the spill is closed.
+        reads = closing(parallel_unordered(read, iter_objects(self.data.source), self.data.download_workers))
+        with reads as results_per_object, tqdm(unit="obj", desc="read", mininterval=2) as progress:
+            for results in results_per_object:
+                self.listed += 1
+                progress.update()
+                for result in results:
+                    if isinstance(result, Accepted):
+                        self._keep(result)
+                    else:
+                        self._reject(result["key"], result["reason"])
+        if not self.listed:
+            raise StorageError(f"{self.data.source}: no objects found; check data.source in params.yaml")
+
+    def finish(self) -> list[Accepted]:
+        """The accepted images after the label rule; writes the report and enforces the rejection limit."""
+        if any(image.label is not None for image in self.kept.values()):
+            for image in [image for image in self.kept.values() if image.label is None]:
+                del self.kept[image.sha256]
+                self._reject(image.key, "no label: not in a class folder and no label of its own, unlike the others")
+        self._write_report()
+        total = len(self.kept) + len(self.rejects)
+        if not self.kept or len(self.rejects) > self.data.max_rejected_fraction * total:
+            raise DataQualityError(
+                f"{len(self.rejects)} of {total} images under {self.data.source} were rejected, leaving "
+                f"{len(self.kept)} usable (data.max_rejected_fraction is {self.data.max_rejected_fraction}); "
+                f"see {self.report_path} for each key and reason"
+            )
+        return sorted(self.kept.values(), key=lambda image: image.key)
+
+    def _keep(self, image: Accepted) -> None:
+        first = self.kept.setdefault(image.sha256, image)
+        if first is not image:
+            kept, dropped = sorted((first, image), key=lambda candidate: candidate.key)
+            self.kept[image.sha256] = kept
+            self._reject(dropped.key, f"duplicate of {kept.key}")
+
+    def _reject(self, key: str, reason: str) -> None:
+        self.rejects.append({"key": key, "reason": reason})
+        if self.data.on_error == "fail":
+            self._write_report()
+            raise DataQualityError(
+                f"{key} under {self.data.source}: {reason} (data.on_error is fail); see {self.report_path}"
+            )
+
+    def _write_report(self) -> None:
+        report = {
+            "source": self.data.source,
+            "listed": self.listed,
+            "accepted": len(self.kept),
+            "rejected": len(self.rejects),
+            "rejects": sorted(self.rejects, key=lambda reject: reject["key"]),
+        }
+        write_json_atomic(self.report_path, report)
 
 
-def _decode(stored: StoredObject, content: bytes, size: int, mode: str) -> Fetched:
-    digest = hashlib.sha256(content).hexdigest()
-    if not content:
-        return Fetched(stored, digest, None, "empty object (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            image.load()
-            resized = image.convert(mode).resize((size, size), RESIZE_FILTER)
-    except UnidentifiedImageError:
-        return Fetched(stored, digest, None, "not an image format PIL can identify")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return Fetched(stored, digest, None, f"corrupt image: {error}")
-    pixels = np.asarray(resized, dtype=np.uint8)
-    return Fetched(stored, digest, pixels.reshape(size, size, -1), None)
+def _spilled(stored: StoredObject, sample: Sample, spill: PixelSpill) -> Accepted | dict[str, str]:
+    if sample.pixels is None:
+        return {"key": sample.key, "reason": sample.problem}
+    return Accepted(stored, sample.key, sample.sha256, sample.label, spill.append(sample.pixels))
 
 
-def _label(key: str, class_names: list[str]) -> int:
-    return class_names.index(key.split("/", 1)[0]) if "/" in key else UNLABELLED
+def _natural(name: str) -> tuple[int, int, str]:
+    """Class names in natural order: 2 before 10 (WebDataset and .npz labels are numbers)."""
+    return (0, int(name), "") if re.fullmatch(r"\d+", name) else (1, 0, name)
 
 
-def _write_shards(examples: list[Example], shard_size: int, folder: Path) -> list[dict[str, Any]]:
+def _write_shards(examples: list[Example], spill: PixelSpill, shard_size: int, folder: Path) -> list[dict[str, Any]]:
     shards = []
     for split in SPLITS:
-        members = sorted((e for e in examples if e.split == split), key=lambda example: example.sha256)
+        members = sorted((e for e in examples if e.split == split), key=lambda example: example.image.sha256)
         for number, start in enumerate(range(0, len(members), shard_size)):
             chunk = members[start : start + shard_size]
             path = folder / f"{split}-{number:05d}.npz"
-            _write_npz(
+            write_npz(
                 path,
-                images=np.stack([example.pixels for example in chunk]),
+                images=spill.read([example.image.record for example in chunk]),
                 labels=np.array([example.label for example in chunk], dtype=np.int64),
             )
             shards.append({"file": path.name, "split": split, "count": len(chunk), "sha256": sha256_file(path)})
     return shards
-
-
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Like np.savez_compressed, minus the wall-clock timestamps that would change the file's hash."""
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, array in arrays.items():
-            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            entry.compress_type = zipfile.ZIP_DEFLATED
-            with archive.open(entry, "w", force_zip64=True) as stream:
-                np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _manifest(
@@ -180,7 +208,8 @@ def _manifest(
         "source": data.source,
         "image_size": data.image_size,
         "channels": data.channels,
-        "resize_filter": RESIZE_FILTER.name,
+        "resize_filter": ImageShape.of(data).resize_filter.name,
+        "crop": CROP,
         "test_fraction": data.test_fraction,
         "split_seed": data.split_seed,
         "class_names": class_names,
@@ -188,7 +217,14 @@ def _manifest(
         "class_counts": {split: dict(sorted(per_class[split].items())) for split in SPLITS},
         "shards": shards,
         "objects": [
-            {"key": e.stored.key, "etag": e.stored.etag, "sha256": e.sha256, "split": e.split, "label": e.label}
+            {
+                "key": e.image.key,
+                "etag": e.image.source.etag,
+                "version_id": e.image.source.version_id,
+                "sha256": e.image.sha256,
+                "split": e.split,
+                "label": e.label,
+            }
             for e in examples
         ],
         "dataset_hash": _dataset_hash(data, examples),
@@ -197,10 +233,11 @@ def _manifest(
 
 def _dataset_hash(data: DataParams, examples: list[Example]) -> str:
     """Identifies the prepared arrays: contents, labels, split and shape, but not object names."""
-    shape = f"image_size={data.image_size} channels={data.channels} filter={RESIZE_FILTER.name}\n"
+    filter_name = ImageShape.of(data).resize_filter.name
+    shape = f"image_size={data.image_size} channels={data.channels} filter={filter_name} crop={CROP}\n"
     digest = hashlib.sha256(shape.encode())
-    for example in sorted(examples, key=lambda example: example.sha256):
-        digest.update(f"{example.sha256} {example.split} {example.label}\n".encode())
+    for example in sorted(examples, key=lambda example: example.image.sha256):
+        digest.update(f"{example.image.sha256} {example.split} {example.label}\n".encode())
     return digest.hexdigest()
 
 

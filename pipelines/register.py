@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import gancore
-from gancore.step import sample_latent
+from gancore.models.sampler import Sampler
 from pipelines.config import Params, load_params_or_exit
 from pipelines.dataset import read_manifest
 from pipelines.storage import write_json_atomic
@@ -119,29 +119,35 @@ def find_version(client: MlflowClient, name: str, key: str):
     return found[0] if found else None
 
 
-def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torch.nn.Module, latent_dim: int):
+def flat_metrics(metrics: dict) -> dict[str, float]:
+    """Every scored value of results/eval/metrics.json as one MLflow metric, e.g. real_vs_real_fid."""
+    flat = {"eval_n": metrics["n"]}
+    for prefix, section in (("", metrics), ("real_vs_real_", metrics["real_vs_real"])):
+        flat |= {f"{prefix}{name}": entry["value"] for name, entry in section.items()
+                 if isinstance(entry, dict) and "value" in entry}
+    if "inception_v3" in metrics:
+        flat |= {f"inception_v3_{key}": value for key, value in flat_metrics({**metrics["inception_v3"],
+                                                                              "n": metrics["n"]}).items()}
+    return flat
+
+
+def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torch.nn.Module):
     flat_params = {f"{section}.{key}": value for section in ("data", "model", "train", "eval")
                    for key, value in getattr(params, section).model_dump().items()}
-    example = sample_latent(4, latent_dim, "cpu", torch.Generator().manual_seed(0))
+    sampler = Sampler(generator).eval()
+    example = sampler.example_inputs(4)
     with torch.no_grad():
-        signature = infer_signature(example.numpy(), generator(example).numpy())
+        signature = infer_signature(example.numpy(), sampler(example).numpy())
     with mlflow.start_run(experiment_id=ensure_experiment(params.register.experiment)) as run:
         mlflow.set_tags(tags)
         mlflow.log_params(flat_params)
-        mlflow.log_metrics({
-            "fid": metrics["fid"]["value"], "kid": metrics["kid"]["value"],
-            "inception_score": metrics["inception_score"]["value"],
-            "real_vs_real_fid": metrics["real_vs_real"]["fid"]["value"],
-            "real_vs_real_kid": metrics["real_vs_real"]["kid"]["value"],
-            "real_vs_real_inception_score": metrics["real_vs_real"]["inception_score"]["value"],
-            "eval_n": metrics["n"],
-        })
+        mlflow.log_metrics(flat_metrics(metrics))
         for artifact in ARTIFACTS:
             mlflow.log_artifact(str(artifact))
-        # A pickled nn.Module with gancore bundled loads back as the Generator class (sampling
-        # needs its latent_dim); the local "+cpu" torch label is not installable, the release is.
+        # A pickled nn.Module with gancore bundled loads back as gancore's Sampler (sampling needs its
+        # latent_dim and num_classes); the local "+cpu" torch label is not installable, the release is.
         model = mlflow.pytorch.log_model(
-            generator, name="generator", signature=signature, input_example=example.numpy(),
+            sampler, name="generator", signature=signature, input_example=example.numpy(),
             serialization_format="pickle", code_paths=[str(Path(gancore.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
@@ -161,7 +167,7 @@ def main() -> None:
     if version is not None:
         print(f"[register] unchanged inputs: {name} version {version.version} already holds this model")
     else:
-        run, model = log_run(params, metrics, tags, generator, model_config["latent_dim"])
+        run, model = log_run(params, metrics, tags, generator)
         version = mlflow.register_model(model.model_uri, name, tags={"lineage_key": key, **tags})
         print(f"[register] run {run.info.run_id} -> {name} version {version.version}")
     client.set_registered_model_alias(name, CHALLENGER, version.version)

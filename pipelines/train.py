@@ -20,18 +20,24 @@ import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from gancore.models import build_gan
-from pipelines.config import Params, load_params_or_exit
-from pipelines.dataset import load_split, read_manifest
+from gancore.models import ModelSpec, build_gan
+from pipelines.config import ConfigError, Params, load_params_or_exit
+from pipelines.dataset import load_split, read_manifest, training_set
+from pipelines.featurenet import load_featurenet
 from pipelines.ray_runtime import init_ray, storage
 from pipelines.storage import atomic_directory
-from pipelines.worker import LoopConfig, gan_train_loop, load_checkpoint
+from pipelines.worker import LoopConfig, gan_train_loop, load_checkpoint, real_feature_reference
 
 PREPARED = Path("data/prepared")
 BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
 MODEL_DIR = Path("models/gan")
 HISTORY_FILE = Path("results/train/history.csv")
-HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "images_per_second")
+HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "images_per_second",
+                  "fid", "class_coverage", "diversity")
+
+
+class TrainingStopped(RuntimeError):
+    """The run failed or was stopped as unhealthy; nothing is exported, so nothing gets registered."""
 
 
 class ProgressLine(UserCallback):
@@ -51,10 +57,12 @@ class ProgressLine(UserCallback):
         else:
             rate = (step - self.first_step) / max(time.monotonic() - self.started, 1e-9)
             eta = f"{(self.total_steps - step) / max(rate, 1e-9):.0f}s"
+        quality = (f" | domain-FID {report['fid']:.2f} coverage {report['class_coverage']:.2f}"
+                   f" diversity {report['diversity']:.2f}" if "fid" in report else "")
         print(
             f"[train] step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"
             f" | {report['images_per_second']:.0f} img/s | loss_d {report['loss_d']:.3f}"
-            f" loss_g {report['loss_g']:.3f} | ETA {eta}" + (" | checkpoint saved" if checkpoint else ""),
+            f" loss_g {report['loss_g']:.3f}{quality} | ETA {eta}" + (" | checkpoint saved" if checkpoint else ""),
             flush=True,
         )
 
@@ -72,7 +80,7 @@ def tuned_optimizer(params: Params, best_params_file: Path = BEST_PARAMS_FILE) -
 
 # Settings that do not change what a step computes: a run with more steps (or other reporting)
 # continues from the stored checkpoints instead of starting over.
-NOT_SHAPING = {"steps", "log_every", "checkpoint_every", "max_failures", "storage_path", "use_tuned"}
+NOT_SHAPING = {"steps", "log_every", "checkpoint_every", "max_failures", "storage_path", "use_tuned", "health"}
 
 
 def run_name(params: Params, optimizer: dict, dataset_hash: str) -> str:
@@ -83,10 +91,12 @@ def run_name(params: Params, optimizer: dict, dataset_hash: str) -> str:
     return f"train-{digest}"
 
 
-def fit(params: Params, images_ref, optimizer: dict, name: str):
+def fit(params: Params, data_ref, reference_ref, shape: dict, optimizer: dict, name: str):
+    health = params.train.health
     loop = LoopConfig.from_params(
-        params, images_ref, optimizer, steps=params.train.steps, report_every=params.train.log_every,
-        checkpoint_every=params.train.checkpoint_every, seed=params.train.seed,
+        params, data_ref, reference_ref, shape, optimizer, steps=params.train.steps,
+        report_every=params.train.log_every, checkpoint_every=params.train.checkpoint_every, seed=params.train.seed,
+        eval_every=health.check_every, eval_samples=health.samples,
     )
     storage_path, filesystem = storage(params.train.storage_path)
     trainer = TorchTrainer(
@@ -105,21 +115,29 @@ def fit(params: Params, images_ref, optimizer: dict, name: str):
     return trainer.fit()
 
 
-def export_model(state: dict, params: Params, image_shape: tuple, name: str, out_dir: Path) -> None:
+def completed_state(result) -> dict:
+    """The final checkpoint of a run that finished healthy; TrainingStopped with the reason otherwise."""
+    if result.error is not None:
+        raise TrainingStopped(f"training failed: {result.error}")
+    problem = (result.metrics or {}).get("health_error")
+    if problem:
+        raise TrainingStopped(f"training stopped as unhealthy, so no model is exported or registered:\n{problem}")
+    return load_checkpoint(result.checkpoint)
+
+
+def export_model(state: dict, name: str, out_dir: Path) -> None:
     """models/gan/: EMA generator (the one to sample from), discriminator, and how to rebuild them."""
-    channels, image_size = image_shape[3], image_shape[1]
+    run = state["config"]
     config = {
-        "family": params.model.family,
-        "latent_dim": params.model.latent_dim,
-        "channels": channels,
-        "image_size": image_size,
-        "base_channels": params.model.base_channels,
-        "loss": params.model.loss,
+        "model": run["model"],
+        "recipe": run["step"],
+        "latent_dim": run["model"]["latent_dim"],
+        "num_classes": run["model"]["num_classes"],
         "steps": state["step"],
         "ray_run_name": name,
         "ray_job_id": ray.get_runtime_context().get_job_id(),
         "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", ""),  # set by `gan submit`
-        "optimizer": {key: state["config"][key] for key in params.train.optimizer()},
+        "optimizer": {key: run[key] for key in ("lr_g", "lr_d", "beta1", "beta2")},
     }
     with atomic_directory(out_dir) as staging:
         torch.save(state["generator_ema"], staging / "generator_ema.pt")
@@ -132,8 +150,7 @@ def load_generator(model_dir: Path = MODEL_DIR) -> tuple[torch.nn.Module, dict]:
     if not config_file.is_file():
         raise FileNotFoundError(f"{model_dir} holds no trained model; run `dvc repro train` first")
     config = json.loads(config_file.read_text())
-    generator, _ = build_gan(config["family"], config["latent_dim"], config["channels"], config["image_size"],
-                             config["base_channels"])
+    generator, _ = build_gan(ModelSpec(**config["model"]))
     generator.load_state_dict(torch.load(model_dir / "generator_ema.pt", map_location="cpu", weights_only=True))
     return generator.eval(), config
 
@@ -151,17 +168,20 @@ def write_history(history: list[dict], path: Path) -> None:
 def main() -> None:
     params = load_params_or_exit()
     manifest = read_manifest(PREPARED)
-    images, _ = load_split(PREPARED, "train")
+    data, shape = training_set(PREPARED)
+    test_images, _ = load_split(PREPARED, "test")
     optimizer = tuned_optimizer(params)
     name = run_name(params, optimizer, manifest["dataset_hash"])
-    print(f"[train] {len(images)} images, {params.train.num_workers} workers x batch {params.train.batch_size},"
-          f" {params.train.steps} steps, optimizer {optimizer}, Ray run {name}", flush=True)
+    print(f"[train] {len(data['images'])} images, {params.train.num_workers} workers x batch "
+          f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
+          f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name}", flush=True)
     init_ray()
-    result = fit(params, ray.put(images), optimizer, name)
-    if result.error is not None:
-        sys.exit(f"training failed: {result.error}")
-    state = load_checkpoint(result.checkpoint)
-    export_model(state, params, images.shape, name, MODEL_DIR)
+    reference = real_feature_reference(load_featurenet(), test_images)
+    try:
+        state = completed_state(fit(params, ray.put(data), ray.put(reference), shape, optimizer, name))
+    except (ConfigError, TrainingStopped) as error:
+        sys.exit(str(error))
+    export_model(state, name, MODEL_DIR)
     write_history(state["history"], HISTORY_FILE)
     print(f"[train] done: {state['step']} steps -> {MODEL_DIR}, curves in {HISTORY_FILE}", flush=True)
 

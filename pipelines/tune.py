@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 
 import ray
@@ -20,8 +21,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipelines.config import Distribution, Params, load_params_or_exit
-from pipelines.dataset import load_split
+from pipelines.config import ConfigError, Distribution, Params, load_params_or_exit
+from pipelines.dataset import load_split, training_set
 from pipelines.featurenet import load_featurenet
 from pipelines.ray_runtime import init_ray, storage
 from pipelines.worker import LoopConfig, gan_train_loop, real_feature_reference
@@ -59,10 +60,11 @@ def run_trial(trial_config: dict, base: dict, storage_path: str, filesystem, num
     trainer.fit()
 
 
-def run_search(params: Params, images_ref, reference_ref) -> tune.ResultGrid:
+def run_search(params: Params, data_ref, reference_ref, shape: dict) -> tune.ResultGrid:
     base = LoopConfig.from_params(
-        params, images_ref, params.train.optimizer(), steps=params.tune.steps, report_every=params.tune.report_every,
-        checkpoint_every=0, seed=params.tune.seed, fid_reference=reference_ref, fid_samples=params.tune.eval_samples,
+        params, data_ref, reference_ref, shape, params.train.optimizer(), steps=params.tune.steps,
+        report_every=params.tune.report_every, checkpoint_every=0, seed=params.tune.seed,
+        eval_every=params.tune.report_every, eval_samples=params.tune.eval_samples,
     ).to_dict()
     storage_path, filesystem = storage(params.train.storage_path)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -98,9 +100,13 @@ def write_outputs(results: tune.ResultGrid, keys: list[str]) -> dict:
         row["fid"] = float(history["fid"].min()) if history is not None and "fid" in history else math.nan
         row["last_fid"] = (result.metrics or {}).get("fid", math.nan)
         row["steps"] = (result.metrics or {}).get("step", 0)
-        row["error"] = "" if result.error is None else str(result.error).splitlines()[0]
+        health_error = (result.metrics or {}).get("health_error")
+        if result.error is not None:
+            row["error"] = str(result.error).splitlines()[0]
+        else:
+            row["error"] = health_error.splitlines()[0] if health_error else ""
         rows.append(row)
-    finished = [row for row in rows if not math.isnan(row["last_fid"])]
+    finished = [row for row in rows if not math.isnan(row["last_fid"]) and not row["error"]]
     if not finished:
         errors = "; ".join(row["error"] for row in rows if row["error"]) or "no trial reported a FID"
         raise RuntimeError(f"every tune trial failed: {errors}")
@@ -119,11 +125,14 @@ def write_outputs(results: tune.ResultGrid, keys: list[str]) -> dict:
 
 def main() -> None:
     params = load_params_or_exit()
-    train_images, _ = load_split(PREPARED, "train")
+    data, shape = training_set(PREPARED)
     test_images, _ = load_split(PREPARED, "test")
     reference = real_feature_reference(load_featurenet(), test_images)
     init_ray()
-    results = run_search(params, ray.put(train_images), ray.put(reference))
+    try:
+        results = run_search(params, ray.put(data), ray.put(reference), shape)
+    except ConfigError as error:
+        sys.exit(str(error))
     best = write_outputs(results, list(params.tune.search_space))
     print(f"[tune] {len(results)} trials; best domain-FID {best['last_fid']:.2f} with {best['best_params']}"
           f" -> {BEST_PARAMS_FILE}", flush=True)

@@ -3,13 +3,15 @@
 Each worker draws its own slice of every epoch's permutation, so the data
 position is a pure function of (seed, step, rank): a run restored from a
 checkpoint continues with exactly the batches and noise it would have seen.
+A run that diverges or collapses stops on every worker at the same step and
+reports why (`health_error`); the driver then refuses to export it.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +20,38 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from gancore.ema import ExponentialMovingAverage, unwrap
+from gancore.health import (
+    TrainingHealthError,
+    check_finite,
+    check_gradient_norm,
+    check_mode_collapse,
+    class_coverage,
+    diversity_ratio,
+)
 from gancore.images import from_uint8
 from gancore.metrics.features import extract
 from gancore.metrics.fid import frechet_distance, gaussian_statistics
-from gancore.models import build_gan
+from gancore.models import ModelSpec, build_gan
 from gancore.models.classifier import Classifier
-from gancore.step import generate_images, train_step
+from gancore.step import StepSettings, generate_images, train_step
 from pipelines.config import Params
 from pipelines.ray_runtime import quiet_worker_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
+EVAL_SEED = 12345  # the same latents at every evaluation, so the FID curve tracks the model, not the noise
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     """Everything one worker needs; plain data so it pickles to any node."""
 
-    images: Any  # ray.ObjectRef of uint8 (N, H, W, C)
-    family: str
-    latent_dim: int
-    base_channels: int
-    loss: str
-    lr_g: float
+    data: Any  # ray.ObjectRef of dict(images=uint8 (N, H, W, C), labels=int64 (N,))
+    model: ModelSpec
+    step: StepSettings
+    lr_g: float  # the optimizer keys stay top-level: tune overrides them per trial
     lr_d: float
     beta1: float
     beta2: float
@@ -51,19 +61,38 @@ class LoopConfig:
     report_every: int
     checkpoint_every: int  # 0: never checkpoint (tune trials)
     seed: int
-    # Domain-FID reports (tune): featurenet weights + real feature statistics.
-    fid_reference: Any = None  # ray.ObjectRef of dict(classifier=..., mu=..., sigma=...)
-    fid_samples: int = 0
+    # Evaluation of EMA samples in featurenet space: domain-FID and the mode-collapse check.
+    reference: Any  # ray.ObjectRef of real_feature_reference(...)
+    eval_every: int
+    eval_samples: int
+    max_grad_norm: float
+    collapse_warmup: int
+    min_class_coverage: float
+    min_diversity: float
 
     @classmethod
-    def from_params(cls, params: Params, images: Any, optimizer: dict[str, float], **budget: Any) -> LoopConfig:
-        """Model and per-worker batch from params; the budget (steps, reporting, seed) from the caller."""
-        return cls(images=images, family=params.model.family, latent_dim=params.model.latent_dim,
-                   base_channels=params.model.base_channels, loss=params.model.loss,
-                   batch_size=params.train.batch_size, ema_decay=params.train.ema_decay, **optimizer, **budget)
+    def from_params(cls, params: Params, data: Any, reference: Any, shape: dict, optimizer: dict[str, float],
+                    **budget: Any) -> LoopConfig:
+        """Model, recipe, batch and health limits from params; `shape` = channels/image_size/num_classes of the
+        prepared data; the budget (steps, reporting, evaluation, seed) from the caller."""
+        health = params.train.health
+        return cls(
+            data=data, reference=reference, model=params.model.spec(**shape),
+            step=params.model.step_settings(shape["num_classes"]), batch_size=params.train.batch_size,
+            ema_decay=params.train.ema_decay, max_grad_norm=health.max_grad_norm,
+            collapse_warmup=health.warmup_steps, min_class_coverage=health.min_class_coverage,
+            min_diversity=health.min_diversity, **optimizer, **budget,
+        )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Shallow: Tune merges trial values into this dict, and the nested specs stay dataclasses."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    def describe(self) -> dict:
+        """JSON-able summary stored in checkpoints."""
+        skip = ("data", "reference")
+        return {key: asdict(value) if key in ("model", "step") else value
+                for key, value in self.to_dict().items() if key not in skip}
 
 
 def batch_indices(num_images: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
@@ -81,10 +110,28 @@ def batch_indices(num_images: int, batch_size: int, step: int, seed: int, rank: 
     return shard[position * batch_size : (position + 1) * batch_size]
 
 
-def domain_fid(generator: torch.nn.Module, reference: dict, num_samples: int, latent_dim: int, device) -> float:
-    fakes = generate_images(generator, num_samples, latent_dim, seed=12345, device=device)
-    mu, sigma = gaussian_statistics(extract(reference["classifier"], fakes)[0])
-    return frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+def evaluate_samples(generator: torch.nn.Module, reference: dict, config: LoopConfig, device) -> dict[str, float]:
+    """Domain-FID, class coverage and diversity of EMA samples against the real reference."""
+    fakes = generate_images(generator, config.eval_samples, config.model.latent_dim, seed=EVAL_SEED, device=device,
+                            num_classes=config.model.num_classes)
+    features, probabilities = extract(reference["classifier"], fakes)
+    mu, sigma = gaussian_statistics(features)
+    return {
+        "fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
+        "class_coverage": class_coverage(probabilities.argmax(axis=1), probabilities.shape[1]),
+        "diversity": diversity_ratio(features, reference["features"]),
+    }
+
+
+def all_workers_agree(problem: str | None, device: torch.device) -> str | None:
+    """The problem if any worker saw one, so that every worker stops at the same step."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return problem
+    flag = torch.tensor([0.0 if problem is None else 1.0], device=device)  # NCCL reduces only GPU tensors
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and problem is None:
+        return "another worker stopped the run as unhealthy; see its log and the run's last report"
+    return problem
 
 
 def save_checkpoint(directory: Path, state: dict) -> ray.train.Checkpoint:
@@ -105,10 +152,10 @@ def gan_train_loop(raw_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)  # identical initial weights on every worker
 
-    images = from_uint8(ray.get(config.images))
-    generator, discriminator = build_gan(
-        config.family, config.latent_dim, images.shape[1], images.shape[2], config.base_channels
-    )
+    data = ray.get(config.data)
+    images, labels = from_uint8(data["images"]), torch.from_numpy(data["labels"])
+    reference = ray.get(config.reference)
+    generator, discriminator = build_gan(config.model)
     ema = ExponentialMovingAverage(generator, config.ema_decay)
     betas = (config.beta1, config.beta2)
     generator_optimizer = torch.optim.Adam(generator.parameters(), lr=config.lr_g, betas=betas)
@@ -133,30 +180,47 @@ def gan_train_loop(raw_config: dict) -> None:
     discriminator = ray.train.torch.prepare_model(discriminator, **ddp_options)
     ema.module.to(device)
 
+    images_per_step = config.batch_size * config.step.critic_steps
     noise = torch.Generator(device="cpu")
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start_step, config.steps):
-        index = batch_indices(len(images), config.batch_size, step, config.seed, rank, world_size)
+        index = batch_indices(len(images), images_per_step, step, config.seed, rank, world_size)
         noise.manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
         losses = train_step(
-            generator, discriminator, generator_optimizer, discriminator_optimizer,
-            images[index].to(device), config.latent_dim, config.loss, noise_generator=noise,
+            generator, discriminator, generator_optimizer, discriminator_optimizer, images[index].to(device),
+            labels[index].to(device) if config.model.num_classes else None, config.step, noise_generator=noise,
         )
         ema.update(generator)
         window_steps += 1
         done = step + 1
-        if done % config.report_every and done != config.steps:
+        problem = None
+        try:
+            check_finite(done, losses)
+            check_gradient_norm(done, "discriminator", losses["grad_norm_d"], config.max_grad_norm)
+            check_gradient_norm(done, "generator", losses["grad_norm_g"], config.max_grad_norm)
+        except TrainingHealthError as error:
+            problem = str(error)
+        problem = all_workers_agree(problem, device)
+        wants_eval = config.eval_every and (done % config.eval_every == 0 or done == config.steps)
+        if done % config.report_every and done != config.steps and not wants_eval and problem is None:
             continue
 
         elapsed = time.perf_counter() - window_start
-        metrics = {
-            "step": done,
-            "images_per_second": window_steps * config.batch_size * world_size / elapsed,
-            **losses,
-        }
-        if config.fid_reference is not None and rank == 0:
-            metrics["fid"] = domain_fid(ema.module, ray.get(config.fid_reference), config.fid_samples,
-                                        config.latent_dim, device)
+        metrics = {"step": done, "images_per_second": window_steps * images_per_step * world_size / elapsed,
+                   **losses}
+        if wants_eval and problem is None:
+            # Every worker evaluates the same EMA weights on the same latents, so all reach the same verdict.
+            metrics.update(evaluate_samples(ema.module, reference, config, device))
+            if done >= config.collapse_warmup:
+                try:
+                    check_mode_collapse(done, metrics["class_coverage"], metrics["diversity"],
+                                        config.min_class_coverage, config.min_diversity)
+                except TrainingHealthError as error:
+                    problem = str(error)
+            problem = all_workers_agree(problem, device)
+        if problem is not None:
+            ray.train.report({**metrics, "health_error": problem})
+            return
         history.append(metrics)
         wants_checkpoint = config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps)
         with tempfile.TemporaryDirectory() as directory:
@@ -171,15 +235,16 @@ def gan_train_loop(raw_config: dict) -> None:
                     "step": done,
                     "history": history,
                     "torch_rng": torch.get_rng_state(),
-                    "config": {k: v for k, v in config.to_dict().items() if k not in ("images", "fid_reference")},
+                    "config": config.describe(),
                 })
             # Every worker reports equally often; only rank 0 carries the checkpoint.
             ray.train.report(metrics, checkpoint=checkpoint)
         window_start, window_steps = time.perf_counter(), 0
 
 
-def real_feature_reference(classifier: Classifier, images: np.ndarray) -> dict:
-    """Featurenet plus the Gaussian statistics of real images, for domain-FID reports."""
+def real_feature_reference(classifier: Classifier, images: np.ndarray, diversity_samples: int = 1000) -> dict:
+    """Featurenet, the Gaussian statistics of real images (domain-FID) and a sample of their features (diversity)."""
     features, _ = extract(classifier, from_uint8(images))
     mu, sigma = gaussian_statistics(features)
-    return {"classifier": classifier.cpu().eval(), "mu": mu, "sigma": sigma}
+    keep = np.random.default_rng(0).permutation(len(features))[:diversity_samples]
+    return {"classifier": classifier.cpu().eval(), "mu": mu, "sigma": sigma, "features": features[keep]}

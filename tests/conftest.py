@@ -13,6 +13,10 @@ from pipelines.stack import endpoint_url, seed_mnist, start_s3_server, stop
 from pipelines.storage import s3_client
 
 
+# Distinctive, so a test can search every log and output for it: it must never be written anywhere.
+SECRET_ACCESS_KEY = "gan-test-secret-7Qv2Xk9pLm"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -33,7 +37,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", url)
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
             env.delenv(name, raising=False)
@@ -60,7 +64,10 @@ TINY_OVERRIDES = {
     "data": {"image_size": 16, "shard_size": 256, "download_workers": 8},
     "featurenet": {"epochs": 2, "batch_size": 64},
     "model": {"latent_dim": 16, "base_channels": 8},
-    "train": {"num_workers": 2, "batch_size": 16, "steps": 24, "log_every": 8, "checkpoint_every": 8},
+    "train": {"num_workers": 2, "batch_size": 16, "steps": 24, "log_every": 8, "checkpoint_every": 8,
+              # A tiny model's samples are poor by design: check them, but never stop the run for it.
+              "health": {"max_grad_norm": 1e4, "check_every": 8, "warmup_steps": 0, "samples": 64,
+                         "min_class_coverage": 0.0, "min_diversity": 0.0}},
     "tune": {"num_samples": 2, "steps": 16, "report_every": 8, "eval_samples": 64},
     "eval": {"num_samples": 64, "kid_subset_size": 32, "kid_subsets": 10, "bootstrap_resamples": 5, "grid_size": 16,
              "is_splits": 2},

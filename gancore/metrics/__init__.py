@@ -3,15 +3,25 @@
 from gancore.metrics.bootstrap import bootstrap_interval
 from gancore.metrics.features import extract
 from gancore.metrics.fid import fid, frechet_distance, gaussian_statistics
+from gancore.metrics.inception import InceptionFeatures, inception_features
 from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
+from gancore.metrics.prdc import coverage, density, density_coverage, precision, precision_recall, recall
 
 __all__ = [
+    "InceptionFeatures",
     "bootstrap_interval",
+    "coverage",
+    "density",
+    "density_coverage",
     "extract",
     "fid",
     "frechet_distance",
     "gaussian_statistics",
+    "inception_features",
     "inception_score",
     "kid",
+    "precision",
+    "precision_recall",
+    "recall",
 ]

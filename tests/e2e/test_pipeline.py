@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import REPO, free_port, tiny_params
+from conftest import REPO, SECRET_ACCESS_KEY, free_port, tiny_params
 from pipelines.cli import UPLOAD_DEFAULT_EXCLUDES
 from pipelines.stack import ensure_bucket
 from pipelines.storage import list_objects
@@ -78,9 +78,10 @@ def test_dvc_repro_produces_every_output(pipeline_run):
     assert "[train] step 24/24" in log and "img/s" in log, "the driver shows progress"
 
     metrics = json.loads((repo / "results/eval/metrics.json").read_text())
-    for name in ("fid", "kid", "inception_score"):
+    for name in ("fid", "kid", "inception_score", "precision", "recall", "density", "coverage"):
         assert math.isfinite(metrics[name]["value"]) and metrics[name]["n"] == 64
         assert math.isfinite(metrics["real_vs_real"][name]["value"])
+    assert 0 <= metrics["precision"]["value"] <= 1 and 0 <= metrics["recall"]["value"] <= 1
     assert metrics["fid"]["ci95_low"] <= metrics["fid"]["ci95_high"]
     assert metrics["fid"]["value"] > metrics["real_vs_real"]["fid"]["value"], "24 steps cannot match real data"
     grid = Image.open(repo / "results/eval/samples.png")
@@ -89,6 +90,21 @@ def test_dvc_repro_produces_every_output(pipeline_run):
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     assert "results/eval/metrics.json" in json.dumps(shown)
+
+
+def test_secret_key_is_never_written(pipeline_run):
+    """Credentials come from the environment; no log, output, lock file, DVC file or MLflow record holds them."""
+    repo, log = pipeline_run
+    secret = SECRET_ACCESS_KEY.encode()
+    assert secret.decode() == os.environ["AWS_SECRET_ACCESS_KEY"], "the run used this secret"
+    assert secret.decode() not in log
+    leaked = [path for path in repo.rglob("*") if path.is_file() and ".git" not in path.parts
+              and secret in path.read_bytes()]
+    assert not leaked, f"the secret key was written to {leaked}"
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    recorded = json.loads((repo / "results/register/model_version.json").read_text())
+    run_data = client.get_run(recorded["run_id"]).data
+    assert secret.decode() not in json.dumps([run_data.params, run_data.tags])
 
 
 def test_registry_holds_the_model_with_aliases(pipeline_run):

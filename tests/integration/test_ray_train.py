@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pytest
 import ray
-
+import torch
 from conftest import tiny_params
+
+from gancore.models.classifier import Classifier
 from pipelines.config import parse_params
-from pipelines.train import fit
-from pipelines.worker import batch_indices, load_checkpoint
+from pipelines.train import TrainingStopped, completed_state, fit
+from pipelines.worker import batch_indices, real_feature_reference
 
 
 def blobs(count: int = 96, size: int = 16) -> np.ndarray:
@@ -22,6 +24,16 @@ def blobs(count: int = 96, size: int = 16) -> np.ndarray:
         row, col = rng.integers(0, size - 6, size=2)
         image[row : row + 6, col : col + 6] = 255
     return images
+
+
+def run(params, name: str):
+    """fit() on the toy images, scored by an untrained featurenet (only the plumbing is under test)."""
+    images = blobs()
+    torch.manual_seed(0)
+    reference = real_feature_reference(Classifier(1, 16, 10, 32), images)
+    data = {"images": images, "labels": np.zeros(len(images), dtype=np.int64)}
+    shape = {"channels": 1, "image_size": 16, "num_classes": 0}
+    return fit(params, ray.put(data), ray.put(reference), shape, params.train.optimizer(), name=name)
 
 
 def test_batches_cover_each_epoch_once_and_split_across_workers():
@@ -36,25 +48,23 @@ def test_batches_cover_each_epoch_once_and_split_across_workers():
 def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     raw = tiny_params(train={"steps": 6, "log_every": 2, "checkpoint_every": 2, "storage_path": str(tmp_path)})
     params = parse_params(raw)
-    images_ref = ray.put(blobs())
-    optimizer = params.train.optimizer()
-
-    result = fit(params, images_ref, optimizer, name="resume-test")
-    assert result.error is None
-    state = load_checkpoint(result.checkpoint)
+    state = completed_state(run(params, "resume-test"))
     assert state["step"] == 6
     assert [row["step"] for row in state["history"]] == [2, 4, 6]
     assert all(math.isfinite(row["loss_d"]) and math.isfinite(row["loss_g"]) for row in state["history"])
     assert all(row["images_per_second"] > 0 for row in state["history"])
+    evaluated = [row for row in state["history"] if "fid" in row]
+    assert [row["step"] for row in evaluated] == [6], "EMA samples are scored at the end of the run"
+    assert 0 <= evaluated[0]["class_coverage"] <= 1 and evaluated[0]["diversity"] > 0
     assert {"generator", "discriminator", "generator_ema", "generator_optimizer", "discriminator_optimizer",
             "torch_rng"} <= set(state)
 
     # Same run name, longer budget: Ray restores the stored checkpoint and continues from step 6.
     longer = parse_params(tiny_params(train={**raw["train"], "steps": 8}))
-    resumed = load_checkpoint(fit(longer, images_ref, optimizer, name="resume-test").checkpoint)
+    resumed = completed_state(run(longer, "resume-test"))
     assert [row["step"] for row in resumed["history"]] == [2, 4, 6, 8], "finished work is kept, not redone"
     # An interrupted or repeated `dvc repro` with nothing changed finds the finished run and trains nothing.
-    repeated = load_checkpoint(fit(longer, images_ref, optimizer, name="resume-test").checkpoint)
+    repeated = completed_state(run(longer, "resume-test"))
     assert repeated["history"] == resumed["history"]
     first_steps = {row["step"]: row["loss_d"] for row in state["history"]}
     assert all(first_steps[row["step"]] == row["loss_d"] for row in resumed["history"][:3])
@@ -68,7 +78,20 @@ def test_checkpoints_go_to_s3_compatible_storage(ray_local, s3_endpoint, tmp_pat
     ensure_bucket("gan-ray")
     params = parse_params(tiny_params(train={"steps": 2, "log_every": 2, "checkpoint_every": 2,
                                              "storage_path": "s3://gan-ray/runs"}))
-    result = fit(params, ray.put(blobs()), params.train.optimizer(), name="s3-test")
-    assert load_checkpoint(result.checkpoint)["step"] == 2
+    assert completed_state(run(params, "s3-test"))["step"] == 2
     stored = [item.key for item in list_objects("s3://gan-ray/runs/s3-test")]
     assert any(key.endswith("checkpoint.pt") for key in stored), stored
+
+
+def test_mode_collapse_stops_every_worker_and_nothing_is_exported(ray_local, tmp_path):
+    """A coverage floor no generator can meet: both workers stop at the first check, the run is refused."""
+    health = tiny_params()["train"]["health"] | {"min_class_coverage": 1.0, "check_every": 4, "warmup_steps": 4}
+    params = parse_params(tiny_params(train={"steps": 12, "log_every": 2, "checkpoint_every": 2,
+                                             "storage_path": str(tmp_path), "health": health}))
+    result = run(params, "collapse-test")
+    assert result.error is None, "an unhealthy run ends cleanly on every worker, not by a crash or a hang"
+    assert result.metrics["step"] == 4
+    assert "mode collapse" in result.metrics["health_error"].lower()
+    with pytest.raises(TrainingStopped, match="(?i)mode collapse") as stopped:
+        completed_state(result)
+    assert "never registered" in str(stopped.value) or "no model is exported" in str(stopped.value)

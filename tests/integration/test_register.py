@@ -7,23 +7,24 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import free_port, tiny_params
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import free_port, tiny_params
-from gancore.models import build_gan
+from gancore.models import ModelSpec, build_gan
 from pipelines import register
 
 LATENT_DIM, IMAGE_SIZE = 16, 16
 
 
-def write_workspace(root: Path, fid: float, seed: int) -> None:
+def write_workspace(root: Path, fid: float, seed: int, num_classes: int = 0) -> None:
     """The files register reads, as train and evaluate would leave them."""
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     prepared = root / "data" / "prepared"
@@ -32,12 +33,13 @@ def write_workspace(root: Path, fid: float, seed: int) -> None:
     model_dir = root / "models" / "gan"
     model_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    generator, discriminator = build_gan("dcgan", LATENT_DIM, 1, IMAGE_SIZE, 8)
+    spec = ModelSpec("dcgan", LATENT_DIM, 1, IMAGE_SIZE, 8, num_classes=num_classes)
+    generator, discriminator = build_gan(spec)
     torch.save(generator.state_dict(), model_dir / "generator_ema.pt")
     torch.save(discriminator.state_dict(), model_dir / "discriminator.pt")
     (model_dir / "config.json").write_text(json.dumps({
-        "family": "dcgan", "latent_dim": LATENT_DIM, "channels": 1, "image_size": IMAGE_SIZE, "base_channels": 8,
-        "loss": "non_saturating", "steps": 10, "ray_run_name": f"train-{seed}", "ray_job_id": "01000000", "ray_submission_id": "",
+        "model": asdict(spec), "latent_dim": LATENT_DIM, "num_classes": num_classes,
+        "steps": 10, "ray_run_name": f"train-{seed}", "ray_job_id": "01000000", "ray_submission_id": "",
         "optimizer": {"lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999},
     }))
     evaluation = root / "results" / "eval"
@@ -122,6 +124,21 @@ def test_cli_promote_and_generate(workspace):
     # 4x4 tiles of 16 px with 2 px padding, scaled 3x for viewing.
     assert grid.size == (3 * (4 * (IMAGE_SIZE + 2) + 2),) * 2
     assert np.asarray(grid).std() > 0, "the grid holds generated pixels, not a blank image"
+
+
+def test_conditional_generator_serves_as_one_array_through_pyfunc(workspace):
+    """MLflow pyfunc takes one array: latents with the class id as the last column."""
+    import mlflow.pyfunc
+
+    name = tiny_params()["register"]["model_name"]
+    write_workspace(workspace, fid=50.0, seed=1, num_classes=3)
+    register.main()
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    latents = np.random.default_rng(0).standard_normal((2, LATENT_DIM)).astype(np.float32)
+    as_class = [served.predict(np.hstack([latents, np.full((2, 1), label, np.float32)])) for label in (0, 2)]
+    assert as_class[0].shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert np.abs(as_class[0]).max() <= 1.0
+    assert not np.allclose(as_class[0], as_class[1]), "the class column changes what is generated"
 
 
 @pytest.fixture

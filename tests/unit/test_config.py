@@ -40,6 +40,10 @@ def test_shipped_params_are_valid():
         ("data", "test_fraction", 0.0, "data.test_fraction"),
         ("model", "family", "stylegan9", "model.family"),
         ("model", "loss", "l7", "model.loss"),
+        ("model", "augment", ["colour"], "model.augment"),
+        ("model", "critic_steps", 0, "model.critic_steps"),
+        ("model", "label_smoothing", 1.0, "model.label_smoothing"),
+        ("eval", "inception_weights", "/nonexistent/inception-2015-12-05.pt", "eval.inception_weights"),
         ("register", "gate_metric", "accuracy", "register.gate_metric"),
     ],
 )
@@ -80,6 +84,28 @@ def test_cross_field_consistency():
     raw = with_change("tune", "report_every", DEFAULTS["tune"]["steps"] + 1)
     with pytest.raises(ConfigError, match="tune.report_every"):
         parse_params(raw)
+
+
+def test_training_techniques_that_do_not_fit_together_are_refused():
+    raw = with_change("model", "gradient_penalty", 10.0)  # default family dcgan has batch norm in D
+    with pytest.raises(ConfigError, match="batch norm"):
+        parse_params(raw)
+    raw["model"]["family"] = "wgan_gp"
+    assert parse_params(raw).model.gradient_penalty == 10.0
+    raw = with_change("model", "label_smoothing", 0.1)
+    raw["model"]["loss"] = "hinge"
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        parse_params(raw)
+
+
+def test_conditional_model_needs_labelled_data():
+    model = parse_params(with_change("model", "conditional", True)).model
+    assert model.spec(channels=1, image_size=32, num_classes=10).num_classes == 10
+    assert model.step_settings(num_classes=10).num_classes == 10
+    with pytest.raises(ConfigError, match="labelled data"):
+        model.spec(channels=1, image_size=32, num_classes=0)
+    unconditional = parse_params(DEFAULTS).model
+    assert unconditional.spec(channels=1, image_size=32, num_classes=10).num_classes == 0
 
 
 def test_not_yaml_mapping(tmp_path):

