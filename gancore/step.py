@@ -1,5 +1,6 @@
 """One training step (critic updates, then one generator update); every runner calls this."""
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +71,14 @@ def train_step(
     labels: torch.Tensor | None,
     settings: StepSettings,
     noise_generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """`settings.critic_steps` D updates, one per equal chunk of `real`, then one G update.
 
     Returns the last D update's loss and mean logits, G's loss and both gradient norms.
     `generator` and `discriminator` may be DDP wrappers; all randomness comes from `noise_generator`.
+    `autocast_dtype` (e.g. torch.bfloat16 on GPUs) runs the forward passes under autocast; the
+    backward passes and optimizer steps stay outside it, as PyTorch recommends.
     """
     if settings.num_classes and labels is None:
         raise ValueError("a conditional model needs the real images' labels")
@@ -86,27 +90,33 @@ def train_step(
     def augment(images: torch.Tensor) -> torch.Tensor:
         return diff_augment(images, settings.augment, noise_generator)
 
+    def forward_pass() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
     real_target = 1.0 - settings.label_smoothing
     for critic_step in range(settings.critic_steps):
         chunk = slice(critic_step * batch_size, (critic_step + 1) * batch_size)
         real_chunk = real[chunk]
         real_labels = labels[chunk] if labels is not None else None
-        with torch.no_grad():
+        with torch.no_grad(), forward_pass():
             fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
             fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
-        # Real and fake go through D separately so BatchNorm never mixes their statistics.
-        real_logits = discriminator(augment(real_chunk), real_labels)
-        fake_logits = discriminator(augment(fake), fake_labels)
-        loss_d = discriminator_loss(settings.loss, real_logits, fake_logits, real_target)
-        if settings.gradient_penalty:
-            mix = torch.rand(batch_size, generator=noise_generator)
-            # Interpolating between a real and a fake of different classes has no single label;
-            # the real one is used, as in conditional WGAN-GP implementations.
-            loss_d = loss_d + settings.gradient_penalty * gradient_penalty(
-                unwrap(discriminator), real_chunk, fake, real_labels, mix
-            )
-        if settings.r1_gamma:
-            loss_d = loss_d + 0.5 * settings.r1_gamma * r1_penalty(unwrap(discriminator), real_chunk, real_labels)
+        with forward_pass():
+            # Real and fake go through D separately so BatchNorm never mixes their statistics.
+            real_logits = discriminator(augment(real_chunk), real_labels).float()
+            fake_logits = discriminator(augment(fake), fake_labels).float()
+            loss_d = discriminator_loss(settings.loss, real_logits, fake_logits, real_target)
+            if settings.gradient_penalty:
+                mix = torch.rand(batch_size, generator=noise_generator)
+                # Interpolating between a real and a fake of different classes has no single label;
+                # the real one is used, as in conditional WGAN-GP implementations.
+                loss_d = loss_d + settings.gradient_penalty * gradient_penalty(
+                    unwrap(discriminator), real_chunk, fake, real_labels, mix
+                )
+            if settings.r1_gamma:
+                loss_d = loss_d + 0.5 * settings.r1_gamma * r1_penalty(unwrap(discriminator), real_chunk, real_labels)
         discriminator_optimizer.zero_grad(set_to_none=True)
         loss_d.backward()
         grad_norm_d = gradient_norm(discriminator.parameters())
@@ -114,17 +124,18 @@ def train_step(
 
     # D keeps requires_grad: toggling it would break DDP's reducer. The gradients D picks up
     # here are cleared by zero_grad before its next update.
-    fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
-    fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
-    if settings.feature_matching:
-        fake_logits_g, fake_features = discriminator(augment(fake), fake_labels, return_features=True)
-        with torch.no_grad():
-            _, real_features = discriminator(augment(real_chunk), real_labels, return_features=True)
-        loss_g = generator_loss(settings.loss, fake_logits_g)
-        loss_g = loss_g + settings.feature_matching * feature_matching_loss(real_features, fake_features)
-    else:
-        fake_logits_g = discriminator(augment(fake), fake_labels)
-        loss_g = generator_loss(settings.loss, fake_logits_g)
+    with forward_pass():
+        fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
+        fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
+        if settings.feature_matching:
+            fake_logits_g, fake_features = discriminator(augment(fake), fake_labels, return_features=True)
+            with torch.no_grad():
+                _, real_features = discriminator(augment(real_chunk), real_labels, return_features=True)
+            loss_g = generator_loss(settings.loss, fake_logits_g.float())
+            loss_g = loss_g + settings.feature_matching * feature_matching_loss(real_features.float(),
+                                                                                fake_features.float())
+        else:
+            loss_g = generator_loss(settings.loss, discriminator(augment(fake), fake_labels).float())
     generator_optimizer.zero_grad(set_to_none=True)
     loss_g.backward()
     grad_norm_g = gradient_norm(generator.parameters())

@@ -168,7 +168,7 @@ class HealthParams(Section):
 
 
 class TrainParams(OptimizerParams):
-    num_workers: PositiveInt
+    num_workers: PositiveInt | tuple[PositiveInt, PositiveInt]
     use_gpu: bool
     batch_size: PositiveInt
     steps: PositiveInt
@@ -180,6 +180,13 @@ class TrainParams(OptimizerParams):
     seed: int
     use_tuned: bool
     health: HealthParams
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError("a [min, max] range needs min <= max")
+        return value
 
 
 class Distribution(Section):

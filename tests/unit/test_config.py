@@ -98,6 +98,12 @@ def test_training_techniques_that_do_not_fit_together_are_refused():
         parse_params(raw)
 
 
+def test_num_workers_may_be_an_elastic_range():
+    assert parse_params(with_change("train", "num_workers", [1, 2])).train.num_workers == (1, 2)
+    with pytest.raises(ConfigError, match="min <= max"):
+        parse_params(with_change("train", "num_workers", [3, 2]))
+
+
 def test_conditional_model_needs_labelled_data():
     model = parse_params(with_change("model", "conditional", True)).model
     assert model.spec(channels=1, image_size=32, num_classes=10).num_classes == 10

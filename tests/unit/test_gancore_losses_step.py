@@ -165,6 +165,22 @@ def test_every_recipe_trains_both_models_reproducibly(recipe):
     assert run()[0] == out, "same seed and params on CPU give identical losses"
 
 
+def test_bf16_autocast_step_tracks_the_float32_step():
+    """The GPU path's mixed precision, exercised on CPU: same step, losses within bf16 rounding."""
+    step = settings(loss="hinge", gradient_penalty=1.0)
+
+    def losses(dtype):
+        generator, discriminator, g_opt, d_opt = _setup(family="wgan_gp")
+        real = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+        return train_step(generator, discriminator, g_opt, d_opt, real, None, step, torch.Generator().manual_seed(7),
+                          autocast_dtype=dtype)
+
+    full, mixed = losses(None), losses(torch.bfloat16)
+    assert all(math.isfinite(value) for value in mixed.values())
+    assert mixed["loss_d"] == pytest.approx(full["loss_d"], rel=0.05, abs=0.02)
+    assert mixed["loss_g"] == pytest.approx(full["loss_g"], rel=0.05, abs=0.02)
+
+
 def test_conditional_step_needs_labels_and_even_critic_chunks():
     generator, discriminator, g_opt, d_opt = _setup(num_classes=10)
     with pytest.raises(ValueError, match="labels"):
