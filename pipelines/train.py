@@ -119,10 +119,11 @@ def completed_state(result) -> dict:
     """The final checkpoint of a run that finished healthy; TrainingStopped with the reason otherwise."""
     if result.error is not None:
         raise TrainingStopped(f"training failed: {result.error}")
-    problem = (result.metrics or {}).get("health_error")
-    if problem:
-        raise TrainingStopped(f"training stopped as unhealthy, so no model is exported or registered:\n{problem}")
-    return load_checkpoint(result.checkpoint)
+    state = load_checkpoint(result.checkpoint)
+    if state.get("health_error"):
+        raise TrainingStopped(f"training stopped as unhealthy, so no model is exported or registered:\n"
+                              f"{state['health_error']}\nChange the params (a new run starts) and re-run.")
+    return state
 
 
 def export_model(state: dict, name: str, out_dir: Path) -> None:

@@ -172,6 +172,13 @@ def gan_train_loop(raw_config: dict) -> None:
         discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
         start_step, history = state["step"], state["history"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("health_error"):
+            return  # this run already stopped as unhealthy; its checkpoint says why
+        restores = [*state.get("restores", []), start_step]
+        if rank == 0:
+            print(f"[train] resumed from the checkpoint at step {start_step}", flush=True)
+    else:
+        restores = []
 
     # G and D are wrapped separately; D runs twice per update (real, fake) before
     # backward, which only works when DDP does not re-broadcast BN buffers per forward.
@@ -227,11 +234,14 @@ def gan_train_loop(raw_config: dict) -> None:
                 except TrainingHealthError as error:
                     problem = str(error)
             problem = all_workers_agree(problem, device)
-        if problem is not None:
-            ray.train.report({**metrics, "health_error": problem})
-            return
-        history.append(metrics)
-        wants_checkpoint = config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps)
+        if problem is None:
+            history.append(metrics)
+        else:
+            metrics["health_error"] = problem
+        # An unhealthy stop is checkpointed too: it becomes the run's result (so the driver refuses to
+        # export it) and a re-run with the same params ends at once instead of training into it again.
+        wants_checkpoint = config.checkpoint_every and (
+            done % config.checkpoint_every == 0 or done == config.steps or problem is not None)
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if wants_checkpoint and rank == 0:
@@ -244,10 +254,14 @@ def gan_train_loop(raw_config: dict) -> None:
                     "step": done,
                     "history": history,
                     "torch_rng": torch.get_rng_state(),
+                    "restores": restores,  # steps this run was restored at: provenance of resumed runs
+                    "health_error": problem,
                     "config": config.describe(),
                 })
             # Every worker reports equally often; only rank 0 carries the checkpoint.
             ray.train.report(metrics, checkpoint=checkpoint)
+        if problem is not None:
+            return
         window_start, window_steps = time.perf_counter(), 0
 
 

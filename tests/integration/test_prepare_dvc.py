@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SECRET_ACCESS_KEY
 from synthetic import REPO_PARAMS, encode, noise, upload
 
 from pipelines.stack import ensure_bucket
@@ -19,12 +20,10 @@ from pipelines.stack import ensure_bucket
 REPO = REPO_PARAMS.parent
 SOURCE = "s3://gan-test-data/dvc-source"
 REMOTE = "s3://gan-dvc/prepare-test"
-SECRET = "prepare-test-secret-7f3a9c1e"  # moto does not check signatures, so any secret works
 
 
 def run(command: list[str], cwd: Path) -> str:
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                   "AWS_SECRET_ACCESS_KEY": SECRET, "DVC_NO_ANALYTICS": "1"}
+    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     finished = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300,
                               check=False)
     output = finished.stdout + finished.stderr
@@ -98,10 +97,10 @@ def test_fresh_clone_pulls_the_prepared_shards_from_the_s3_remote(
 
 def test_the_secret_key_appears_in_no_log_output_or_dvc_file(dvc_project: tuple[Path, list[str]]) -> None:
     project, logs = dvc_project
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] != SECRET, "only the dvc processes had the secret"
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET_ACCESS_KEY, "dvc and prepare signed their requests with it"
 
     assert any("prepare: 9 train + 3 test images" in log for log in logs), "the stage's own output is in the logs"
-    assert all(SECRET not in log for log in logs)
+    assert all(SECRET_ACCESS_KEY not in log for log in logs)
     files = [path for path in project.rglob("*") if path.is_file()]
     assert {"dvc.lock", "manifest.json", "data.json", "config"} <= {path.name for path in files}
-    assert not [path for path in files if SECRET.encode() in path.read_bytes()]
+    assert not [path for path in files if SECRET_ACCESS_KEY.encode() in path.read_bytes()]
