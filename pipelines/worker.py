@@ -123,6 +123,20 @@ def evaluate_samples(generator: torch.nn.Module, reference: dict, config: LoopCo
     }
 
 
+def health_problem(step: int, metrics: dict[str, float], config: LoopConfig) -> str | None:
+    """Why the run at `step` is unhealthy (diverged, exploding gradients, collapsed), or None."""
+    try:
+        check_finite(step, {key: value for key, value in metrics.items() if key.startswith(("loss_", "grad_norm_"))})
+        check_gradient_norm(step, "discriminator", metrics["grad_norm_d"], config.max_grad_norm)
+        check_gradient_norm(step, "generator", metrics["grad_norm_g"], config.max_grad_norm)
+        if "class_coverage" in metrics and step >= config.collapse_warmup:
+            check_mode_collapse(step, metrics["class_coverage"], metrics["diversity"], config.min_class_coverage,
+                                config.min_diversity)
+    except TrainingHealthError as error:
+        return str(error)
+    return None
+
+
 def all_workers_agree(problem: str | None, device: torch.device) -> str | None:
     """The problem if any worker saw one, so that every worker stops at the same step."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
@@ -173,7 +187,12 @@ def gan_train_loop(raw_config: dict) -> None:
         start_step, history = state["step"], state["history"]
         torch.set_rng_state(state["torch_rng"])
         if state.get("health_error"):
-            return  # this run already stopped as unhealthy; its checkpoint says why
+            # The run stopped as unhealthy. Judged by the current train.health limits: still unhealthy
+            # means the same verdict at once; limits relaxed since then means training continues.
+            stopped_at = state.get("health_metrics")
+            if stopped_at is None or health_problem(start_step, stopped_at, config) is not None:
+                return
+            history = [*history, stopped_at]
         restores = [*state.get("restores", []), start_step]
         if rank == 0:
             print(f"[train] resumed from the checkpoint at step {start_step}", flush=True)
@@ -209,14 +228,7 @@ def gan_train_loop(raw_config: dict) -> None:
         ema.update(generator)
         window_steps += 1
         done = step + 1
-        problem = None
-        try:
-            check_finite(done, losses)
-            check_gradient_norm(done, "discriminator", losses["grad_norm_d"], config.max_grad_norm)
-            check_gradient_norm(done, "generator", losses["grad_norm_g"], config.max_grad_norm)
-        except TrainingHealthError as error:
-            problem = str(error)
-        problem = all_workers_agree(problem, device)
+        problem = all_workers_agree(health_problem(done, losses, config), device)
         wants_eval = config.eval_every and (done % config.eval_every == 0 or done == config.steps)
         if done % config.report_every and done != config.steps and not wants_eval and problem is None:
             continue
@@ -227,13 +239,7 @@ def gan_train_loop(raw_config: dict) -> None:
         if wants_eval and problem is None:
             # Every worker evaluates the same EMA weights on the same latents, so all reach the same verdict.
             metrics.update(evaluate_samples(ema.module, reference, config, device))
-            if done >= config.collapse_warmup:
-                try:
-                    check_mode_collapse(done, metrics["class_coverage"], metrics["diversity"],
-                                        config.min_class_coverage, config.min_diversity)
-                except TrainingHealthError as error:
-                    problem = str(error)
-            problem = all_workers_agree(problem, device)
+            problem = all_workers_agree(health_problem(done, metrics, config), device)
         if problem is None:
             history.append(metrics)
         else:
@@ -256,6 +262,7 @@ def gan_train_loop(raw_config: dict) -> None:
                     "torch_rng": torch.get_rng_state(),
                     "restores": restores,  # steps this run was restored at: provenance of resumed runs
                     "health_error": problem,
+                    "health_metrics": metrics,
                     "config": config.describe(),
                 })
             # Every worker reports equally often; only rank 0 carries the checkpoint.

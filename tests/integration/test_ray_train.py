@@ -106,6 +106,12 @@ def test_mode_collapse_stops_every_worker_and_nothing_is_exported(ray_local, tmp
     assert again.metrics["step"] == 4
     with pytest.raises(TrainingStopped, match="(?i)mode collapse"):
         completed_state(again)
+    # Relaxing the limit (which does not change the run's identity) continues from the stopped checkpoint.
+    relaxed = parse_params(tiny_params(train={**params.train.model_dump(), "health": {**health,
+                                                                                     "min_class_coverage": 0.0}}))
+    state = completed_state(run(relaxed, "collapse-test"))
+    assert state["step"] == 12 and state["restores"] == [4]
+    assert [row["step"] for row in state["history"]] == [2, 4, 6, 8, 10, 12], "the stopping step's report is kept"
 
 
 def latest_checkpoint_step(run_dir: Path) -> int:

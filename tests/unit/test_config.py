@@ -110,7 +110,7 @@ def test_conditional_model_needs_labelled_data():
     assert model.step_settings(num_classes=10).num_classes == 10
     with pytest.raises(ConfigError, match="labelled data"):
         model.spec(channels=1, image_size=32, num_classes=0)
-    unconditional = parse_params(DEFAULTS).model
+    unconditional = parse_params(with_change("model", "conditional", False)).model
     assert unconditional.spec(channels=1, image_size=32, num_classes=10).num_classes == 0
 
 
