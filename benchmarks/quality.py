@@ -34,16 +34,18 @@ from pipelines.sources import RESIZE_FILTERS
 
 # Keys of params.yaml's `model` (and Adam settings) that each variant changes.
 VARIANTS: dict[str, dict] = {
-    "mlp": {"model": {"family": "mlp"}},
-    "dcgan": {"model": {"family": "dcgan"}},
-    "wgan_gp": {"model": {"family": "wgan_gp", "loss": "wasserstein", "gradient_penalty": 10.0, "critic_steps": 5},
+    "mlp": {"model": {"family": "mlp", "conditional": False}},
+    "dcgan": {"model": {"family": "dcgan", "conditional": False}},
+    "wgan_gp": {"model": {"family": "wgan_gp", "conditional": False, "loss": "wasserstein", "gradient_penalty": 10.0,
+                          "critic_steps": 5},
                 "adam": {"lr_g": 1e-4, "lr_d": 1e-4, "beta1": 0.0, "beta2": 0.9}},
     # The ResNet costs ~15x a DCGAN step on CPU at equal width; half width keeps the budget runnable here.
-    "sngan": {"model": {"family": "sngan", "loss": "hinge", "base_channels": 16}, "adam": {"beta1": 0.0, "beta2": 0.9}},
-    "sngan_cond": {"model": {"family": "sngan", "loss": "hinge", "conditional": True, "base_channels": 16},
+    "sngan": {"model": {"family": "sngan", "conditional": False, "loss": "hinge", "base_channels": 16},
+              "adam": {"beta1": 0.0, "beta2": 0.9}},
+    "sngan_cond": {"model": {"family": "sngan", "conditional": True, "loss": "hinge", "base_channels": 16},
                    "adam": {"beta1": 0.0, "beta2": 0.9}},
     "dcgan_cond": {"model": {"family": "dcgan", "conditional": True}},
-    "dcgan_diffaug": {"model": {"family": "dcgan", "augment": ["color", "translation", "cutout"]}},
+    "dcgan_diffaug": {"model": {"family": "dcgan", "conditional": False, "augment": ["color", "translation", "cutout"]}},
 }
 ADAM = {"lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999}
 
