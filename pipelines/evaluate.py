@@ -101,8 +101,9 @@ def main() -> None:
     params = load_params_or_exit().eval
     generator, model_config = load_generator(MODEL_DIR)
     classifier = load_featurenet()
-    test_images, _ = load_split(PREPARED, "test")
-    train_images, _ = load_split(PREPARED, "train")
+    # N images are drawn from a pool of 10 N per split (the whole split when smaller): memory stays bounded.
+    test_images, _ = load_split(PREPARED, "test", limit=10 * params.num_samples)
+    train_images, _ = load_split(PREPARED, "train", limit=10 * params.num_samples)
     n = min(params.num_samples, len(test_images), len(train_images))
     if n < params.num_samples:
         print(f"[evaluate] only {n} held-out images: metrics use N={n}, not eval.num_samples={params.num_samples}")

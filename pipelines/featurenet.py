@@ -23,6 +23,7 @@ from pipelines.storage import write_json_atomic
 PREPARED = Path("data/prepared")
 FEATURENET_FILE = Path("models/featurenet.pt")
 METRICS_FILE = Path("results/featurenet/metrics.json")
+FEATURENET_IMAGES = 100_000  # per split: enough for a 10-class feature extractor, and bounded in memory
 
 
 def train_featurenet(
@@ -77,8 +78,8 @@ def main() -> None:
     manifest = read_manifest(PREPARED)
     if not manifest["class_names"]:
         sys.exit("featurenet needs labelled data (class sub-folders under data.source); the prepared data has none")
-    train_images, train_labels = load_split(PREPARED, "train")
-    test_images, test_labels = load_split(PREPARED, "test")
+    train_images, train_labels = load_split(PREPARED, "train", limit=FEATURENET_IMAGES)
+    test_images, test_labels = load_split(PREPARED, "test", limit=FEATURENET_IMAGES)
     classifier = train_featurenet(train_images, train_labels, len(manifest["class_names"]), params.featurenet)
     test_accuracy = accuracy(classifier, test_images, test_labels)
     save_featurenet(classifier, FEATURENET_FILE, test_accuracy)

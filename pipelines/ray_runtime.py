@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,6 +22,17 @@ def init_ray() -> None:
         return
     # The dashboard stays on even locally: Ray Train's placement-group cleanup asks its state API.
     ray.init(logging_level="WARNING")
+
+
+def put_shards(shards: Iterable[tuple[bytes, int]]) -> tuple[tuple, tuple[int, ...]]:
+    """(refs, counts): each shard's .npz bytes as one object in the Ray object store, which every node's
+    workers read from. The driver holds one shard at a time, and Ray spills objects to disk beyond the
+    store's memory, so a split larger than RAM streams too."""
+    refs, counts = [], []
+    for content, count in shards:
+        refs.append(ray.put(content))
+        counts.append(count)
+    return tuple(refs), tuple(counts)
 
 
 def quiet_worker_logs() -> None:

@@ -6,10 +6,13 @@ read, so the shards can be cut in content-hash order while memory holds one shar
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -46,7 +49,7 @@ class PixelSpill:
         self.path.unlink(missing_ok=True)
 
 
-def write_npz(path: Path, **arrays: np.ndarray) -> None:
+def write_npz(path: Path | BinaryIO, **arrays: np.ndarray) -> None:
     """Like np.savez_compressed, minus the wall-clock timestamps that would change the file's hash."""
     with zipfile.ZipFile(path, "w") as archive:
         for name, array in arrays.items():
@@ -54,3 +57,11 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
             entry.compress_type = zipfile.ZIP_DEFLATED
             with archive.open(entry, "w", force_zip64=True) as stream:
                 np.lib.format.write_array(stream, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def encode_shards(images: np.ndarray, labels: np.ndarray, shard_size: int) -> Iterator[tuple[bytes, int]]:
+    """(.npz bytes, count) of in-memory arrays cut into shards: what `dataset.shard_files` yields from disk."""
+    for start in range(0, len(images), shard_size):
+        buffer = io.BytesIO()
+        write_npz(buffer, images=images[start : start + shard_size], labels=labels[start : start + shard_size])
+        yield buffer.getvalue(), len(images[start : start + shard_size])

@@ -22,11 +22,11 @@ from ray.train.torch import TorchTrainer
 
 from gancore.models import ModelSpec, build_gan
 from pipelines.config import ConfigError, Params, load_params_or_exit
-from pipelines.dataset import load_split, read_manifest, training_set
+from pipelines.dataset import load_split, model_shape, read_manifest, shard_files
 from pipelines.featurenet import load_featurenet
-from pipelines.ray_runtime import init_ray, storage
+from pipelines.ray_runtime import init_ray, put_shards, storage
 from pipelines.storage import atomic_directory
-from pipelines.worker import LoopConfig, gan_train_loop, load_checkpoint, real_feature_reference
+from pipelines.worker import REFERENCE_IMAGES, LoopConfig, gan_train_loop, load_checkpoint, real_feature_reference
 
 PREPARED = Path("data/prepared")
 BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
@@ -91,10 +91,10 @@ def run_name(params: Params, optimizer: dict, dataset_hash: str) -> str:
     return f"train-{digest}"
 
 
-def fit(params: Params, data_ref, reference_ref, shape: dict, optimizer: dict, name: str):
+def fit(params: Params, shards, reference_ref, shape: dict, optimizer: dict, name: str):
     health = params.train.health
     loop = LoopConfig.from_params(
-        params, data_ref, reference_ref, shape, optimizer, steps=params.train.steps,
+        params, shards, reference_ref, shape, optimizer, steps=params.train.steps,
         report_every=params.train.log_every, checkpoint_every=params.train.checkpoint_every, seed=params.train.seed,
         eval_every=health.check_every, eval_samples=health.samples,
     )
@@ -169,17 +169,17 @@ def write_history(history: list[dict], path: Path) -> None:
 def main() -> None:
     params = load_params_or_exit()
     manifest = read_manifest(PREPARED)
-    data, shape = training_set(PREPARED)
-    test_images, _ = load_split(PREPARED, "test")
     optimizer = tuned_optimizer(params)
     name = run_name(params, optimizer, manifest["dataset_hash"])
-    print(f"[train] {len(data['images'])} images, {params.train.num_workers} workers x batch "
+    print(f"[train] {manifest['counts']['train']} images, {params.train.num_workers} workers x batch "
           f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
           f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name}", flush=True)
     init_ray()
+    test_images, _ = load_split(PREPARED, "test", limit=REFERENCE_IMAGES)
     reference = real_feature_reference(load_featurenet(), test_images)
     try:
-        state = completed_state(fit(params, ray.put(data), ray.put(reference), shape, optimizer, name))
+        shards = put_shards(shard_files(PREPARED, "train"))
+        state = completed_state(fit(params, shards, ray.put(reference), model_shape(manifest), optimizer, name))
     except (ConfigError, TrainingStopped) as error:
         sys.exit(str(error))
     export_model(state, name, MODEL_DIR)

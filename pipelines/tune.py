@@ -22,10 +22,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.config import ConfigError, Distribution, Params, load_params_or_exit
-from pipelines.dataset import load_split, training_set
+from pipelines.dataset import load_split, model_shape, read_manifest, shard_files
 from pipelines.featurenet import load_featurenet
-from pipelines.ray_runtime import init_ray, storage
-from pipelines.worker import LoopConfig, gan_train_loop, real_feature_reference
+from pipelines.ray_runtime import init_ray, put_shards, storage
+from pipelines.worker import REFERENCE_IMAGES, LoopConfig, gan_train_loop, real_feature_reference
 
 PREPARED = Path("data/prepared")
 BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
@@ -60,9 +60,9 @@ def run_trial(trial_config: dict, base: dict, storage_path: str, filesystem, num
     trainer.fit()
 
 
-def run_search(params: Params, data_ref, reference_ref, shape: dict) -> tune.ResultGrid:
+def run_search(params: Params, shards, reference_ref, shape: dict) -> tune.ResultGrid:
     base = LoopConfig.from_params(
-        params, data_ref, reference_ref, shape, params.train.optimizer(), steps=params.tune.steps,
+        params, shards, reference_ref, shape, params.train.optimizer(), steps=params.tune.steps,
         report_every=params.tune.report_every, checkpoint_every=0, seed=params.tune.seed,
         eval_every=params.tune.report_every, eval_samples=params.tune.eval_samples,
     ).to_dict()
@@ -125,12 +125,12 @@ def write_outputs(results: tune.ResultGrid, keys: list[str]) -> dict:
 
 def main() -> None:
     params = load_params_or_exit()
-    data, shape = training_set(PREPARED)
-    test_images, _ = load_split(PREPARED, "test")
+    test_images, _ = load_split(PREPARED, "test", limit=REFERENCE_IMAGES)
     reference = real_feature_reference(load_featurenet(), test_images)
     init_ray()
     try:
-        results = run_search(params, ray.put(data), ray.put(reference), shape)
+        shards = put_shards(shard_files(PREPARED, "train"))
+        results = run_search(params, shards, ray.put(reference), model_shape(read_manifest(PREPARED)))
     except ConfigError as error:
         sys.exit(str(error))
     best = write_outputs(results, list(params.tune.search_space))

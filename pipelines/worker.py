@@ -1,8 +1,9 @@
 """The Ray Train per-worker loop, shared by the tune and train stages.
 
-Each worker draws its own slice of every epoch's permutation, so the data
-position is a pure function of (seed, step, rank): a run restored from a
-checkpoint continues with exactly the batches and noise it would have seen.
+Each worker streams its share of the train shards from the Ray object store
+(`ShardedBatches`), so the data position is a pure function of (seed, step,
+rank): a run restored from a checkpoint continues with exactly the batches and
+noise it would have seen.
 A run that diverges or collapses stops on every worker at the same step and
 reports why (`health_error`); the driver then refuses to export it.
 """
@@ -38,9 +39,11 @@ from gancore.models import ModelSpec, build_gan
 from gancore.models.classifier import Classifier
 from gancore.step import StepSettings, generate_images, train_step
 from pipelines.config import Params
+from pipelines.dataset import ShardedBatches, decode_shard
 from pipelines.ray_runtime import quiet_worker_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
+REFERENCE_IMAGES = 10_000  # held-out images whose features the domain-FID compares against (memory-bounded)
 EVAL_SEED = 12345  # the same latents at every evaluation, so the FID curve tracks the model, not the noise
 
 
@@ -48,7 +51,8 @@ EVAL_SEED = 12345  # the same latents at every evaluation, so the FID curve trac
 class LoopConfig:
     """Everything one worker needs; plain data so it pickles to any node."""
 
-    data: Any  # ray.ObjectRef of dict(images=uint8 (N, H, W, C), labels=int64 (N,))
+    data: tuple  # ray.ObjectRef per train shard (its .npz bytes), from ray_runtime.put_shards
+    shard_counts: tuple[int, ...]  # images per shard
     model: ModelSpec
     step: StepSettings
     lr_g: float  # the optimizer keys stay top-level: tune overrides them per trial
@@ -71,13 +75,13 @@ class LoopConfig:
     min_diversity: float
 
     @classmethod
-    def from_params(cls, params: Params, data: Any, reference: Any, shape: dict, optimizer: dict[str, float],
-                    **budget: Any) -> LoopConfig:
+    def from_params(cls, params: Params, shards: tuple[tuple, tuple[int, ...]], reference: Any, shape: dict,
+                    optimizer: dict[str, float], **budget: Any) -> LoopConfig:
         """Model, recipe, batch and health limits from params; `shape` = channels/image_size/num_classes of the
-        prepared data; the budget (steps, reporting, evaluation, seed) from the caller."""
+        prepared data and `shards` = (refs, counts) of its train split; the budget (steps, reporting, evaluation, seed) from the caller."""
         health = params.train.health
         return cls(
-            data=data, reference=reference, model=params.model.spec(**shape),
+            data=tuple(shards[0]), shard_counts=tuple(shards[1]), reference=reference, model=params.model.spec(**shape),
             step=params.model.step_settings(shape["num_classes"]), batch_size=params.train.batch_size,
             ema_decay=params.train.ema_decay, max_grad_norm=health.max_grad_norm,
             collapse_warmup=health.warmup_steps, min_class_coverage=health.min_class_coverage,
@@ -90,24 +94,9 @@ class LoopConfig:
 
     def describe(self) -> dict:
         """JSON-able summary stored in checkpoints."""
-        skip = ("data", "reference")
+        skip = ("data", "shard_counts", "reference")
         return {key: asdict(value) if key in ("model", "step") else value
                 for key, value in self.to_dict().items() if key not in skip}
-
-
-def batch_indices(num_images: int, batch_size: int, step: int, seed: int, rank: int, world_size: int) -> torch.Tensor:
-    """Indices of this worker's batch at `step`: epoch-wise permutation, rank-strided."""
-    per_worker = num_images // world_size
-    steps_per_epoch = per_worker // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{num_images} training images cannot fill one batch of {batch_size} on each of "
-            f"{world_size} workers; lower train.batch_size or train.num_workers"
-        )
-    epoch, position = divmod(step, steps_per_epoch)
-    permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    shard = permutation[rank : per_worker * world_size : world_size]
-    return shard[position * batch_size : (position + 1) * batch_size]
 
 
 def evaluate_samples(generator: torch.nn.Module, reference: dict, config: LoopConfig, device) -> dict[str, float]:
@@ -166,8 +155,6 @@ def gan_train_loop(raw_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config.seed)  # identical initial weights on every worker
 
-    data = ray.get(config.data)
-    images, labels = from_uint8(data["images"]), torch.from_numpy(data["labels"])
     reference = ray.get(config.reference)
     generator, discriminator = build_gan(config.model)
     ema = ExponentialMovingAverage(generator, config.ema_decay)
@@ -214,15 +201,17 @@ def gan_train_loop(raw_config: dict) -> None:
         model.to(memory_format=memory_format)
 
     images_per_step = config.batch_size * config.step.critic_steps
+    batches = ShardedBatches(list(config.shard_counts), lambda shard: decode_shard(ray.get(config.data[shard])),
+                             images_per_step, config.seed, rank, world_size)
     noise = torch.Generator(device="cpu")
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start_step, config.steps):
-        index = batch_indices(len(images), images_per_step, step, config.seed, rank, world_size)
+        real_images, real_labels = batches.batch(step)
         noise.manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
         losses = train_step(
             generator, discriminator, generator_optimizer, discriminator_optimizer,
-            images[index].to(device, memory_format=memory_format),
-            labels[index].to(device) if config.model.num_classes else None, config.step, noise_generator=noise,
+            from_uint8(real_images).to(device, memory_format=memory_format),
+            torch.from_numpy(real_labels).to(device) if config.model.num_classes else None, config.step, noise_generator=noise,
             autocast_dtype=autocast_dtype,
         )
         ema.update(generator)

@@ -17,8 +17,10 @@ from conftest import tiny_params
 
 from gancore.models.classifier import Classifier
 from pipelines.config import parse_params
+from pipelines.ray_runtime import put_shards
+from pipelines.shards import encode_shards
 from pipelines.train import TrainingStopped, completed_state, fit
-from pipelines.worker import batch_indices, real_feature_reference
+from pipelines.worker import real_feature_reference
 
 
 def blobs(count: int = 96, size: int = 16) -> np.ndarray:
@@ -36,18 +38,10 @@ def run(params, name: str):
     images = blobs()
     torch.manual_seed(0)
     reference = real_feature_reference(Classifier(1, 16, 10, 32), images)
-    data = {"images": images, "labels": np.arange(len(images), dtype=np.int64) % 2}  # two arbitrary classes
+    labels = np.arange(len(images), dtype=np.int64) % 2  # two arbitrary classes
+    shards = put_shards(encode_shards(images, labels, shard_size=40))  # 40 + 40 + 16: batches straddle shards
     shape = {"channels": 1, "image_size": 16, "num_classes": 2}
-    return fit(params, ray.put(data), ray.put(reference), shape, params.train.optimizer(), name=name)
-
-
-def test_batches_cover_each_epoch_once_and_split_across_workers():
-    seen = [batch_indices(96, 8, step, seed=0, rank=rank, world_size=2) for step in range(6) for rank in (0, 1)]
-    flat = np.concatenate([batch.numpy() for batch in seen])
-    assert sorted(flat) == list(range(96)), "one epoch visits every image exactly once across both workers"
-    assert not np.array_equal(batch_indices(96, 8, 6, 0, 0, 2), batch_indices(96, 8, 0, 0, 0, 2)), "new epoch, new order"
-    with pytest.raises(ValueError, match="train.batch_size"):
-        batch_indices(10, 8, 0, seed=0, rank=0, world_size=2)
+    return fit(params, shards, ray.put(reference), shape, params.train.optimizer(), name=name)
 
 
 def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
