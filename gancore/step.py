@@ -62,6 +62,18 @@ def generate_images(
     return torch.cat(batches)
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """No weight gradients for `module` inside the block; its parameters' previous flags after it."""
+    flags = [parameter.requires_grad for parameter in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for parameter, flag in zip(module.parameters(), flags):
+            parameter.requires_grad_(flag)
+
+
 def train_step(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -122,22 +134,23 @@ def train_step(
         grad_norm_d = gradient_norm(discriminator.parameters())
         discriminator_optimizer.step()
 
-    # D keeps requires_grad: toggling it would break DDP's reducer. The gradients D picks up
-    # here are cleared by zero_grad before its next update.
-    with forward_pass():
+    # G's update reaches D's input gradients only: D runs unwrapped (no DDP all-reduce of gradients
+    # nobody uses) with its weights frozen (no weight gradients computed).
+    critic = unwrap(discriminator)
+    with forward_pass(), frozen(critic):
         fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
         fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
         if settings.feature_matching:
-            fake_logits_g, fake_features = discriminator(augment(fake), fake_labels, return_features=True)
+            fake_logits_g, fake_features = critic(augment(fake), fake_labels, return_features=True)
             with torch.no_grad():
-                _, real_features = discriminator(augment(real_chunk), real_labels, return_features=True)
+                _, real_features = critic(augment(real_chunk), real_labels, return_features=True)
             loss_g = generator_loss(settings.loss, fake_logits_g.float())
             loss_g = loss_g + settings.feature_matching * feature_matching_loss(real_features.float(),
                                                                                 fake_features.float())
         else:
-            loss_g = generator_loss(settings.loss, discriminator(augment(fake), fake_labels).float())
+            loss_g = generator_loss(settings.loss, critic(augment(fake), fake_labels).float())
     generator_optimizer.zero_grad(set_to_none=True)
-    loss_g.backward()
+    loss_g.backward()  # the graph was built with D's weights frozen, so they get no gradients here either
     grad_norm_g = gradient_norm(generator.parameters())
     generator_optimizer.step()
 

@@ -10,6 +10,7 @@ reports why (`health_error`); the driver then refuses to export it.
 
 from __future__ import annotations
 
+import resource
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -78,7 +79,8 @@ class LoopConfig:
     def from_params(cls, params: Params, shards: tuple[tuple, tuple[int, ...]], reference: Any, shape: dict,
                     optimizer: dict[str, float], **budget: Any) -> LoopConfig:
         """Model, recipe, batch and health limits from params; `shape` = channels/image_size/num_classes of the
-        prepared data and `shards` = (refs, counts) of its train split; the budget (steps, reporting, evaluation, seed) from the caller."""
+        prepared data and `shards` = (refs, counts) of its train split; the budget (steps, reporting,
+        evaluation, seed) from the caller."""
         health = params.train.health
         return cls(
             data=tuple(shards[0]), shard_counts=tuple(shards[1]), reference=reference, model=params.model.spec(**shape),
@@ -126,15 +128,27 @@ def health_problem(step: int, metrics: dict[str, float], config: LoopConfig) -> 
     return None
 
 
+def all_workers_max(value: float, device: torch.device) -> float:
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
 def all_workers_agree(problem: str | None, device: torch.device) -> str | None:
     """The problem if any worker saw one, so that every worker stops at the same step."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return problem
-    flag = torch.tensor([0.0 if problem is None else 1.0], device=device)  # NCCL reduces only GPU tensors
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and problem is None:
+    if all_workers_max(0.0 if problem is None else 1.0, device) and problem is None:
         return "another worker stopped the run as unhealthy; see its log and the run's last report"
     return problem
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The largest high-water mark over the workers: resident memory, and GPU memory on GPUs (MB)."""
+    peaks = {"peak_rss_mb": all_workers_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, device)}
+    if device.type == "cuda":
+        peaks["peak_gpu_memory_mb"] = all_workers_max(torch.cuda.max_memory_allocated(device) / 2**20, device)
+    return peaks
 
 
 def save_checkpoint(directory: Path, state: dict) -> ray.train.Checkpoint:
@@ -211,7 +225,8 @@ def gan_train_loop(raw_config: dict) -> None:
         losses = train_step(
             generator, discriminator, generator_optimizer, discriminator_optimizer,
             from_uint8(real_images).to(device, memory_format=memory_format),
-            torch.from_numpy(real_labels).to(device) if config.model.num_classes else None, config.step, noise_generator=noise,
+            torch.from_numpy(real_labels).to(device) if config.model.num_classes else None, config.step,
+            noise_generator=noise,
             autocast_dtype=autocast_dtype,
         )
         ema.update(generator)
@@ -224,7 +239,7 @@ def gan_train_loop(raw_config: dict) -> None:
 
         elapsed = time.perf_counter() - window_start
         metrics = {"step": done, "images_per_second": window_steps * images_per_step * world_size / elapsed,
-                   **losses}
+                   **losses, **peak_memory(device)}
         if wants_eval and problem is None:
             # Every worker evaluates the same EMA weights on the same latents, so all reach the same verdict.
             metrics.update(evaluate_samples(ema.module, reference, config, device))

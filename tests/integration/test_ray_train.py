@@ -9,45 +9,19 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import ray
 import torch
 from conftest import tiny_params
+from toy_training import toy_fit
 
-from gancore.models.classifier import Classifier
 from pipelines.config import parse_params
-from pipelines.ray_runtime import put_shards
-from pipelines.shards import encode_shards
-from pipelines.train import TrainingStopped, completed_state, fit
-from pipelines.worker import real_feature_reference
-
-
-def blobs(count: int = 96, size: int = 16) -> np.ndarray:
-    """Bright squares at random places: a learnable toy image set."""
-    rng = np.random.default_rng(0)
-    images = np.zeros((count, size, size, 1), dtype=np.uint8)
-    for image in images:
-        row, col = rng.integers(0, size - 6, size=2)
-        image[row : row + 6, col : col + 6] = 255
-    return images
-
-
-def run(params, name: str):
-    """fit() on the toy images, scored by an untrained featurenet (only the plumbing is under test)."""
-    images = blobs()
-    torch.manual_seed(0)
-    reference = real_feature_reference(Classifier(1, 16, 10, 32), images)
-    labels = np.arange(len(images), dtype=np.int64) % 2  # two arbitrary classes
-    shards = put_shards(encode_shards(images, labels, shard_size=40))  # 40 + 40 + 16: batches straddle shards
-    shape = {"channels": 1, "image_size": 16, "num_classes": 2}
-    return fit(params, shards, ray.put(reference), shape, params.train.optimizer(), name=name)
+from pipelines.train import TrainingStopped, completed_state
 
 
 def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     raw = tiny_params(train={"steps": 6, "log_every": 2, "checkpoint_every": 2, "storage_path": str(tmp_path)})
     params = parse_params(raw)
-    state = completed_state(run(params, "resume-test"))
+    state = completed_state(toy_fit(params, "resume-test"))
     assert state["step"] == 6
     assert [row["step"] for row in state["history"]] == [2, 4, 6]
     assert all(math.isfinite(row["loss_d"]) and math.isfinite(row["loss_g"]) for row in state["history"])
@@ -60,10 +34,10 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
 
     # Same run name, longer budget: Ray restores the stored checkpoint and continues from step 6.
     longer = parse_params(tiny_params(train={**raw["train"], "steps": 8}))
-    resumed = completed_state(run(longer, "resume-test"))
+    resumed = completed_state(toy_fit(longer, "resume-test"))
     assert [row["step"] for row in resumed["history"]] == [2, 4, 6, 8], "finished work is kept, not redone"
     # An interrupted or repeated `dvc repro` with nothing changed finds the finished run and trains nothing.
-    repeated = completed_state(run(longer, "resume-test"))
+    repeated = completed_state(toy_fit(longer, "resume-test"))
     assert repeated["history"] == resumed["history"]
     assert resumed["restores"] == [6], "the longer run was restored from the step-6 checkpoint"
     first_steps = {row["step"]: row["loss_d"] for row in state["history"]}
@@ -78,7 +52,7 @@ def test_checkpoints_go_to_s3_compatible_storage(ray_local, s3_endpoint, tmp_pat
     ensure_bucket("gan-ray")
     params = parse_params(tiny_params(train={"steps": 2, "log_every": 2, "checkpoint_every": 2,
                                              "storage_path": "s3://gan-ray/runs"}))
-    assert completed_state(run(params, "s3-test"))["step"] == 2
+    assert completed_state(toy_fit(params, "s3-test"))["step"] == 2
     stored = [item.key for item in list_objects("s3://gan-ray/runs/s3-test")]
     assert any(key.endswith("checkpoint.pt") for key in stored), stored
 
@@ -88,7 +62,7 @@ def test_mode_collapse_stops_every_worker_and_nothing_is_exported(ray_local, tmp
     health = tiny_params()["train"]["health"] | {"min_class_coverage": 1.0, "check_every": 4, "warmup_steps": 4}
     params = parse_params(tiny_params(train={"steps": 12, "log_every": 2, "checkpoint_every": 2,
                                              "storage_path": str(tmp_path), "health": health}))
-    result = run(params, "collapse-test")
+    result = toy_fit(params, "collapse-test")
     assert result.error is None, "an unhealthy run ends cleanly on every worker, not by a crash or a hang"
     assert result.metrics["step"] == 4
     assert "mode collapse" in result.metrics["health_error"].lower()
@@ -96,14 +70,14 @@ def test_mode_collapse_stops_every_worker_and_nothing_is_exported(ray_local, tmp
         completed_state(result)
     assert "no model is exported or registered" in str(stopped.value)
     # Re-running the same params does not train into the collapse again: it ends with the same verdict.
-    again = run(params, "collapse-test")
+    again = toy_fit(params, "collapse-test")
     assert again.metrics["step"] == 4
     with pytest.raises(TrainingStopped, match="(?i)mode collapse"):
         completed_state(again)
     # Relaxing the limit (which does not change the run's identity) continues from the stopped checkpoint.
     relaxed = parse_params(tiny_params(train={**params.train.model_dump(), "health": {**health,
                                                                                      "min_class_coverage": 0.0}}))
-    state = completed_state(run(relaxed, "collapse-test"))
+    state = completed_state(toy_fit(relaxed, "collapse-test"))
     assert state["step"] == 12 and state["restores"] == [4]
     assert [row["step"] for row in state["history"]] == [2, 4, 6, 8, 10, 12], "the stopping step's report is kept"
 
@@ -148,7 +122,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
 
     killer = threading.Thread(target=kill_a_worker_after_two_checkpoints, daemon=True)
     killer.start()
-    result = run(params, "kill-test")
+    result = toy_fit(params, "kill-test")
     killer.join(timeout=5)
     assert killed, f"the run finished before a worker could be killed (state API errors: {problems[-3:]})"
     state = completed_state(result)

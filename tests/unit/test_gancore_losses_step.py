@@ -232,6 +232,19 @@ def test_train_step_leaves_no_generator_grad_in_d_step():
     assert len(seen) == len(list(generator.parameters()))
 
 
+@pytest.mark.parametrize("changes", [{}, {"feature_matching": 1.0, "critic_steps": 2}])
+def test_generator_update_computes_no_discriminator_weight_gradients(changes):
+    """G's backward needs D's input gradients only: D's weight gradients (and their DDP all-reduce) are skipped."""
+    generator, discriminator, g_opt, d_opt = _setup()
+    seen = []
+    for p in discriminator.parameters():
+        p.register_hook(lambda g: seen.append(1) or g)
+    step = settings(loss="hinge", **changes)
+    train_step(generator, discriminator, g_opt, d_opt, torch.zeros(4 * step.critic_steps, 1, 16, 16), None, step)
+    assert len(seen) == step.critic_steps * len(list(discriminator.parameters())), "only D's own updates"
+    assert all(p.requires_grad for p in discriminator.parameters()), "D's flags are restored after G's update"
+
+
 @pytest.mark.parametrize("family, changes", [("dcgan", {"loss": "hinge", "feature_matching": 1.0}),
                                              ("wgan_gp", {"loss": "wasserstein", "gradient_penalty": 10.0,
                                                           "critic_steps": 2, "r1_gamma": 1.0})])

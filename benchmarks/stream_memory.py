@@ -1,0 +1,95 @@
+"""Training memory against dataset size: the same Ray Train worker on a train split 10x larger.
+
+    python benchmarks/stream_memory.py [--images 100000] [--image-size 64] [--shard-size 500]
+
+Builds synthetic RGB train splits of images/10 and images images (coloured squares on a coloured
+background), shard by shard, straight into the Ray object store as train does, then trains params.yaml's
+model on each with one Ray Train worker for --steps steps. Prints each split's size decoded and as
+compressed shards, and the worker's peak RSS (its own report) and the driver's. A worker that held the
+split in memory would need at least the decoded size on top of its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+
+import numpy as np
+import ray
+import torch
+from throughput import benchmark_params
+
+from gancore.models.classifier import Classifier
+from pipelines.ray_runtime import put_shards
+from pipelines.shards import encode_shards
+from pipelines.train import completed_state, fit
+from pipelines.worker import real_feature_reference
+
+NUM_CLASSES = 10
+
+
+def synthetic_images(count: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    images = np.broadcast_to(rng.integers(0, 256, (count, 1, 1, 3), dtype=np.uint8), (count, size, size, 3)).copy()
+    corners = rng.integers(0, size // 2, (count, 2))
+    colours = rng.integers(0, 256, (count, 3), dtype=np.uint8)
+    for image, (row, col), colour in zip(images, corners, colours):
+        image[row : row + size // 2, col : col + size // 2] = colour
+    return images
+
+
+def synthetic_shards(images: int, size: int, shard_size: int):
+    """(.npz bytes, count) per shard, generated one shard at a time: the driver never holds the split."""
+    for number, start in enumerate(range(0, images, shard_size)):
+        count = min(shard_size, images - start)
+        labels = np.arange(start, start + count, dtype=np.int64) % NUM_CLASSES
+        yield from encode_shards(synthetic_images(count, size, seed=number), labels, shard_size)
+
+
+def measure(images: int, args, storage: str) -> dict:
+    params = benchmark_params(1, args.batch_size, args.steps, storage)
+    shape = {"channels": 3, "image_size": args.image_size, "num_classes": NUM_CLASSES}
+    shards = put_shards(synthetic_shards(images, args.image_size, args.shard_size))
+    stored = sum(len(ray.get(ref)) for ref in shards[0][:1]) * len(shards[0])  # shards are alike in size
+    torch.manual_seed(0)
+    classifier = Classifier(3, args.image_size, NUM_CLASSES, params.featurenet.feature_dim).eval()
+    reference = ray.put(real_feature_reference(classifier, synthetic_images(500, args.image_size, seed=10**6)))
+    result = fit(params, shards, reference, shape, params.train.optimizer(), f"stream-{images}")
+    history = completed_state(result)["history"]
+    del shards  # the split leaves the object store before the next one comes in
+    return {"images": images, "decoded_mb": images * args.image_size**2 * 3 / 2**20, "stored_mb": stored / 2**20,
+            "worker_peak_mb": max(report["peak_rss_mb"] for report in history),
+            "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100_000, help="images of the larger split")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40, help="enough to cross several shards")
+    args = parser.parse_args()
+    ray.init(num_cpus=1, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stream-memory-") as storage:
+        for images in (args.images // 10, args.images):
+            rows.append(measure(images, args, storage))
+    ray.shutdown()
+    print(f"\n{args.image_size}x{args.image_size}x3 images, shards of {args.shard_size}, 1 worker x batch "
+          f"{args.batch_size}, {args.steps} steps\n")
+    print("| train split | decoded pixels (MB) | shards in the object store (MB) | worker peak RSS (MB) |"
+          " driver peak RSS (MB) |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['images']:,} | {row['decoded_mb']:,.0f} | {row['stored_mb']:,.0f} | {row['worker_peak_mb']:,.0f}"
+              f" | {row['driver_peak_mb']:,.0f} |")
+    small, large = rows
+    print(f"\nworker peak RSS, {large['images']:,} / {small['images']:,} images: "
+          f"{large['worker_peak_mb'] / small['worker_peak_mb']:.2f}x for {large['images'] / small['images']:.0f}x "
+          "the data")
+
+
+if __name__ == "__main__":
+    main()
