@@ -71,7 +71,7 @@ def start_node(command: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def stop_node(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
             process.wait(wait)
@@ -102,8 +102,7 @@ def cluster(node_network, tmp_path_factory) -> Iterator[dict]:
                                  f"--port={gcs_port}", "--num-cpus=1", "--include-dashboard=true",
                                  f"--dashboard-host={HOST_IP}", f"--dashboard-port={free_port()}"],
                                 env | {"GLOO_SOCKET_IFNAME": HOST_LINK}, logs / "head.log"))
-        address = f"{HOST_IP}:{gcs_port}"
-        wait_for_nodes(address, 1, env)
+        address = f"{HOST_IP}:{gcs_port}"  # the second `ray start` waits for the head's GCS by itself
         nodes.append(start_node(["ip", "netns", "exec", NAMESPACE, str(BIN / "ray"), "start", f"--address={address}",
                                  f"--node-ip-address={NODE_IP}", "--num-cpus=1"],
                                 env | {"GLOO_SOCKET_IFNAME": NODE_LINK}, logs / "node2.log"))

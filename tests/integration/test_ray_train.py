@@ -1,4 +1,7 @@
-"""Ray Train on a real local Ray runtime: 2 DDP workers, checkpoints in Ray storage, resume."""
+"""Ray Train on a real local Ray runtime: 2 DDP workers, checkpoints in Ray storage, resume.
+
+Checkpoints in S3-compatible storage, and a killed driver, are tested on a two-node cluster in test_multinode.py.
+"""
 
 from __future__ import annotations
 
@@ -44,19 +47,6 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     assert all(first_steps[row["step"]] == row["loss_d"] for row in resumed["history"][:3])
 
 
-def test_checkpoints_go_to_s3_compatible_storage(ray_local, s3_endpoint, tmp_path):
-    """train.storage_path: s3://… reaches the loopback server (pyarrow needs the endpoint passed explicitly)."""
-    from pipelines.stack import ensure_bucket
-    from pipelines.storage import list_objects
-
-    ensure_bucket("gan-ray")
-    params = parse_params(tiny_params(train={"steps": 2, "log_every": 2, "checkpoint_every": 2,
-                                             "storage_path": "s3://gan-ray/runs"}))
-    assert completed_state(toy_fit(params, "s3-test"))["step"] == 2
-    stored = [item.key for item in list_objects("s3://gan-ray/runs/s3-test")]
-    assert any(key.endswith("checkpoint.pt") for key in stored), stored
-
-
 def test_mode_collapse_stops_every_worker_and_nothing_is_exported(ray_local, tmp_path):
     """A coverage floor no generator can meet: both workers stop at the first check, the run is refused."""
     health = tiny_params()["train"]["health"] | {"min_class_coverage": 1.0, "check_every": 4, "warmup_steps": 4}
@@ -98,8 +88,9 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
     from ray.util.state import list_actors
 
     steps, every = 160, 20
+    health = tiny_params()["train"]["health"] | {"check_every": 10**6}  # EMA samples scored at the end only
     params = parse_params(tiny_params(train={"steps": steps, "log_every": 10, "checkpoint_every": every,
-                                             "max_failures": 2, "storage_path": str(tmp_path)}))
+                                             "max_failures": 2, "storage_path": str(tmp_path), "health": health}))
     killed: dict[str, int] = {}
     problems: list[str] = []
 
@@ -132,5 +123,4 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(ray_local, tmp_path):
     # A checkpoint still being committed when the worker died does not count; the one before it does.
     assert 0 < restored_at < steps, "resumed from a checkpoint, not from scratch"
     assert killed["checkpoint_step"] - restored_at <= every, "at most one checkpoint interval of work is lost"
-    reported = sorted({*range(10, steps + 1, 10), *range(8, steps + 1, 8)})  # log_every 10, health checks every 8
-    assert [row["step"] for row in state["history"]] == reported, "no report lost or repeated"
+    assert [row["step"] for row in state["history"]] == list(range(10, steps + 1, 10)), "no report lost or repeated"
