@@ -62,6 +62,7 @@ def write_npz(path: Path | BinaryIO, **arrays: np.ndarray) -> None:
 def encode_shards(images: np.ndarray, labels: np.ndarray, shard_size: int) -> Iterator[tuple[bytes, int]]:
     """(.npz bytes, count) of in-memory arrays cut into shards: what `dataset.shard_files` yields from disk."""
     for start in range(0, len(images), shard_size):
+        chunk = slice(start, start + shard_size)
         buffer = io.BytesIO()
-        write_npz(buffer, images=images[start : start + shard_size], labels=labels[start : start + shard_size])
-        yield buffer.getvalue(), len(images[start : start + shard_size])
+        write_npz(buffer, images=images[chunk], labels=labels[chunk])
+        yield buffer.getvalue(), len(images[chunk])

@@ -22,11 +22,10 @@ from ray.train.torch import TorchTrainer
 
 from gancore.models import ModelSpec, build_gan
 from pipelines.config import ConfigError, Params, load_params_or_exit
-from pipelines.dataset import load_split, model_shape, read_manifest, shard_files
-from pipelines.featurenet import load_featurenet
-from pipelines.ray_runtime import init_ray, put_shards, storage
+from pipelines.dataset import read_manifest
+from pipelines.ray_runtime import init_ray, storage
 from pipelines.storage import atomic_directory
-from pipelines.worker import REFERENCE_IMAGES, LoopConfig, gan_train_loop, load_checkpoint, real_feature_reference
+from pipelines.worker import LoopConfig, gan_train_loop, load_checkpoint, publish_training_data
 
 PREPARED = Path("data/prepared")
 BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
@@ -176,11 +175,9 @@ def main() -> None:
           f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
           f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name}", flush=True)
     init_ray()
-    test_images, _ = load_split(PREPARED, "test", limit=REFERENCE_IMAGES)
-    reference = real_feature_reference(load_featurenet(), test_images)
+    shards, reference, shape = publish_training_data(PREPARED)
     try:
-        shards = put_shards(shard_files(PREPARED, "train"))
-        state = completed_state(fit(params, shards, ray.put(reference), model_shape(manifest), optimizer, name))
+        state = completed_state(fit(params, shards, reference, shape, optimizer, name))
     except (ConfigError, TrainingStopped) as error:
         sys.exit(str(error))
     export_model(state, name, MODEL_DIR)

@@ -22,10 +22,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.config import ConfigError, Distribution, Params, load_params_or_exit
-from pipelines.dataset import load_split, model_shape, read_manifest, shard_files
-from pipelines.featurenet import load_featurenet
-from pipelines.ray_runtime import init_ray, put_shards, storage
-from pipelines.worker import REFERENCE_IMAGES, LoopConfig, gan_train_loop, real_feature_reference
+from pipelines.ray_runtime import init_ray, storage
+from pipelines.worker import LoopConfig, gan_train_loop, publish_training_data
 
 PREPARED = Path("data/prepared")
 BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
@@ -125,12 +123,10 @@ def write_outputs(results: tune.ResultGrid, keys: list[str]) -> dict:
 
 def main() -> None:
     params = load_params_or_exit()
-    test_images, _ = load_split(PREPARED, "test", limit=REFERENCE_IMAGES)
-    reference = real_feature_reference(load_featurenet(), test_images)
     init_ray()
+    shards, reference, shape = publish_training_data(PREPARED)
     try:
-        shards = put_shards(shard_files(PREPARED, "train"))
-        results = run_search(params, shards, ray.put(reference), model_shape(read_manifest(PREPARED)))
+        results = run_search(params, shards, reference, shape)
     except ConfigError as error:
         sys.exit(str(error))
     best = write_outputs(results, list(params.tune.search_space))

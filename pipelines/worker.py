@@ -40,8 +40,9 @@ from gancore.models import ModelSpec, build_gan
 from gancore.models.classifier import Classifier
 from gancore.step import StepSettings, generate_images, train_step
 from pipelines.config import Params
-from pipelines.dataset import ShardedBatches, decode_shard
-from pipelines.ray_runtime import quiet_worker_logs
+from pipelines.dataset import ShardedBatches, decode_shard, load_split, model_shape, read_manifest, shard_files
+from pipelines.featurenet import load_featurenet
+from pipelines.ray_runtime import put_shards, quiet_worker_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
 REFERENCE_IMAGES = 10_000  # held-out images whose features the domain-FID compares against (memory-bounded)
@@ -282,3 +283,11 @@ def real_feature_reference(classifier: Classifier, images: np.ndarray, diversity
     mu, sigma = gaussian_statistics(features)
     keep = np.random.default_rng(0).permutation(len(features))[:diversity_samples]
     return {"classifier": classifier.cpu().eval(), "mu": mu, "sigma": sigma, "features": features[keep]}
+
+
+def publish_training_data(prepared: Path) -> tuple[tuple[tuple, tuple[int, ...]], Any, dict[str, int]]:
+    """What tune and train hand their workers: the train shards in the object store, the domain-FID
+    reference (featurenet + held-out statistics) as an object, and the model shape of the data."""
+    test_images, _ = load_split(prepared, "test", limit=REFERENCE_IMAGES)
+    reference = ray.put(real_feature_reference(load_featurenet(), test_images))
+    return put_shards(shard_files(prepared, "train")), reference, model_shape(read_manifest(prepared))
