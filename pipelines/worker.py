@@ -129,6 +129,13 @@ def health_problem(step: int, metrics: dict[str, float], config: LoopConfig) -> 
     return None
 
 
+def gradients_exploded(metrics: dict[str, float], config: LoopConfig) -> bool:
+    """The per-step divergence check. Gradient norms are taken after DDP's all-reduce, so every worker
+    sees the same values and reaches the same verdict without communicating; a NaN in any worker's
+    loss reaches every worker's gradients through that all-reduce."""
+    return not (metrics["grad_norm_d"] <= config.max_grad_norm and metrics["grad_norm_g"] <= config.max_grad_norm)
+
+
 def all_workers_max(value: float, device: torch.device) -> float:
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return value
@@ -233,11 +240,13 @@ def gan_train_loop(raw_config: dict) -> None:
         ema.update(generator)
         window_steps += 1
         done = step + 1
-        problem = all_workers_agree(health_problem(done, losses, config), device)
         wants_eval = config.eval_every and (done % config.eval_every == 0 or done == config.steps)
-        if done % config.report_every and done != config.steps and not wants_eval and problem is None:
+        if (done % config.report_every and done != config.steps and not wants_eval
+                and not gradients_exploded(losses, config)):
             continue
 
+        # Only here do the workers compare verdicts, so the steps between reports add no communication.
+        problem = all_workers_agree(health_problem(done, losses, config), device)
         elapsed = time.perf_counter() - window_start
         metrics = {"step": done, "images_per_second": window_steps * images_per_step * world_size / elapsed,
                    **losses, **peak_memory(device)}

@@ -72,6 +72,20 @@ def test_mode_collapse_stops_every_worker_and_nothing_is_exported(ray_local, tmp
     assert [row["step"] for row in state["history"]] == [2, 4, 6, 8, 10, 12], "the stopping step's report is kept"
 
 
+def test_exploding_gradients_stop_every_worker_between_reports(ray_local, tmp_path):
+    """Steps between reports carry no health vote between workers; the per-step gradient check
+    (all-reduced gradients, the same on every worker) still stops both at the same step, without a hang."""
+    health = tiny_params()["train"]["health"] | {"max_grad_norm": 1e-9}
+    params = parse_params(tiny_params(train={"steps": 12, "log_every": 6, "checkpoint_every": 6,
+                                             "storage_path": str(tmp_path), "health": health}))
+    result = toy_fit(params, "exploding-test")
+    assert result.error is None, "a diverged run ends cleanly on every worker, not by a crash or a hang"
+    assert result.metrics["step"] == 1, "stopped at the first step, not at the next report"
+    assert "exploding gradients at step 1" in result.metrics["health_error"]
+    with pytest.raises(TrainingStopped, match="exploding gradients"):
+        completed_state(result)
+
+
 def latest_checkpoint_step(run_dir: Path) -> int:
     """Highest step among the checkpoints stored so far (files still being written are skipped)."""
     steps = [0]
