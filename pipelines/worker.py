@@ -136,27 +136,30 @@ def gradients_exploded(metrics: dict[str, float], config: LoopConfig) -> bool:
     return not (metrics["grad_norm_d"] <= config.max_grad_norm and metrics["grad_norm_g"] <= config.max_grad_norm)
 
 
-def all_workers_max(value: float, device: torch.device) -> float:
+def all_workers(value: float, device: torch.device, reduce: str = "max") -> float:
+    """`value` over all workers: their "max" or their "mean"."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces only GPU tensors
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.item()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if reduce == "max" else dist.ReduceOp.SUM)
+    return tensor.item() if reduce == "max" else tensor.item() / dist.get_world_size()
 
 
 def all_workers_agree(problem: str | None, device: torch.device) -> str | None:
     """The problem if any worker saw one, so that every worker stops at the same step."""
-    if all_workers_max(0.0 if problem is None else 1.0, device) and problem is None:
+    if all_workers(0.0 if problem is None else 1.0, device) and problem is None:
         return "another worker stopped the run as unhealthy; see its log and the run's last report"
     return problem
 
 
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """The largest high-water mark over the workers: resident memory, and GPU memory on GPUs (MB)."""
-    peaks = {"peak_rss_mb": all_workers_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, device)}
+def resource_usage(device: torch.device, cpu_seconds: float, wall_seconds: float) -> dict[str, float]:
+    """The largest high-water mark over the workers: resident memory, and GPU memory on GPUs (MB); and the
+    CPU cores a worker kept busy on average over the window (all its threads; below its CPUs = waiting)."""
+    usage = {"cpu_cores_busy": all_workers(cpu_seconds / wall_seconds, device, "mean"),
+             "peak_rss_mb": all_workers(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, device)}
     if device.type == "cuda":
-        peaks["peak_gpu_memory_mb"] = all_workers_max(torch.cuda.max_memory_allocated(device) / 2**20, device)
-    return peaks
+        usage["peak_gpu_memory_mb"] = all_workers(torch.cuda.max_memory_allocated(device) / 2**20, device)
+    return usage
 
 
 def save_checkpoint(directory: Path, state: dict) -> ray.train.Checkpoint:
@@ -226,7 +229,7 @@ def gan_train_loop(raw_config: dict) -> None:
     batches = ShardedBatches(list(config.shard_counts), lambda shard: decode_shard(ray.get(config.data[shard])),
                              images_per_step, config.seed, rank, world_size)
     noise = torch.Generator(device="cpu")
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_cpu, window_steps = time.perf_counter(), time.process_time(), 0
     for step in range(start_step, config.steps):
         real_images, real_labels = batches.batch(step)
         noise.manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
@@ -249,7 +252,7 @@ def gan_train_loop(raw_config: dict) -> None:
         problem = all_workers_agree(health_problem(done, losses, config), device)
         elapsed = time.perf_counter() - window_start
         metrics = {"step": done, "images_per_second": window_steps * images_per_step * world_size / elapsed,
-                   **losses, **peak_memory(device)}
+                   **losses, **resource_usage(device, time.process_time() - window_cpu, elapsed)}
         if wants_eval and problem is None:
             # Every worker evaluates the same EMA weights on the same latents, so all reach the same verdict.
             metrics.update(evaluate_samples(ema.module, reference, config, device))
@@ -283,7 +286,7 @@ def gan_train_loop(raw_config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         if problem is not None:
             return
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_cpu, window_steps = time.perf_counter(), time.process_time(), 0
 
 
 def real_feature_reference(classifier: Classifier, images: np.ndarray, diversity_samples: int = 1000) -> dict:

@@ -29,6 +29,8 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     assert [row["step"] for row in state["history"]] == [2, 4, 6]
     assert all(math.isfinite(row["loss_d"]) and math.isfinite(row["loss_g"]) for row in state["history"])
     assert all(row["images_per_second"] > 0 for row in state["history"])
+    # Each worker has 1 CPU (Ray sizes its threads to that): it cannot keep much more than one core busy.
+    assert all(0 < row["cpu_cores_busy"] < 1.5 and row["peak_rss_mb"] > 100 for row in state["history"])
     evaluated = [row for row in state["history"] if "fid" in row]
     assert [row["step"] for row in evaluated] == [6], "EMA samples are scored at the end of the run"
     assert 0 <= evaluated[0]["class_coverage"] <= 1 and evaluated[0]["diversity"] > 0
