@@ -63,7 +63,7 @@ from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
 from pipelines.sources import ImageShape
 from pipelines.train import completed_state, fit
-from pipelines.worker import real_feature_reference
+from pipelines.worker import DDP_OPTIONS, real_feature_reference, step_noise_seed
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -112,7 +112,7 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
     ema = ExponentialMovingAverage(generator, params.train.ema_decay)
     if ddp_address:
         dist.init_process_group("gloo", init_method=ddp_address, rank=rank, world_size=world_size)
-        generator, discriminator = (DistributedDataParallel(model, forward_sync_buffers=False)
+        generator, discriminator = (DistributedDataParallel(model, **DDP_OPTIONS)
                                     for model in (generator, discriminator))
     shards = list(encode_shards(data["images"], data["labels"], params.data.shard_size))
     per_step, seed, report_every = batch_size * settings.critic_steps, params.train.seed, params.train.log_every
@@ -124,7 +124,7 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
     for step in range(params.train.steps):
         step_start = time.perf_counter()
         images, labels = batches.batch(step)
-        noise.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+        noise.manual_seed(step_noise_seed(seed, step, rank))
         train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, from_uint8(images),
                    torch.from_numpy(labels) if settings.num_classes else None, settings, noise_generator=noise)
         ema.update(generator)

@@ -46,9 +46,14 @@ def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
     return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
 
 
+def gradient_norm_exceeded(norm: float, max_norm: float) -> bool:
+    """True for a norm above `max_norm` or not finite (NaN compares false with everything)."""
+    return not norm <= max_norm
+
+
 def check_gradient_norm(step: int, name: str, norm: float, max_norm: float) -> None:
     """Raise DivergenceError if the gradient norm of `name` is non-finite or above `max_norm`."""
-    if not norm <= max_norm:
+    if gradient_norm_exceeded(norm, max_norm):
         raise DivergenceError(
             f"exploding gradients at step {step}: {name} gradient norm {norm:.4g} is not finite or above "
             f"max_norm {max_norm:.4g}; {_DIVERGENCE_ADVICE}"

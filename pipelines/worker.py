@@ -32,6 +32,7 @@ from gancore.health import (
     check_mode_collapse,
     class_coverage,
     diversity_ratio,
+    gradient_norm_exceeded,
 )
 from gancore.images import from_uint8
 from gancore.metrics.features import extract
@@ -47,6 +48,14 @@ from pipelines.ray_runtime import put_shards, quiet_worker_logs
 CHECKPOINT_FILE = "checkpoint.pt"
 REFERENCE_IMAGES = 10_000  # held-out images whose features the domain-FID compares against (memory-bounded)
 EVAL_SEED = 12345  # the same latents at every evaluation, so the FID curve tracks the model, not the noise
+# G and D are wrapped separately; D runs twice per update (real, fake) before
+# backward, which only works when DDP does not re-broadcast BN buffers per forward.
+DDP_OPTIONS = {"forward_sync_buffers": False}
+
+
+def step_noise_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a worker's latents and labels at `step`: a restored run draws exactly the same noise."""
+    return seed * 1_000_003 + step * 1_009 + rank
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ def gradients_exploded(metrics: dict[str, float], config: LoopConfig) -> bool:
     """The per-step divergence check. Gradient norms are taken after DDP's all-reduce, so every worker
     sees the same values and reaches the same verdict without communicating; a NaN in any worker's
     loss reaches every worker's gradients through that all-reduce."""
-    return not (metrics["grad_norm_d"] <= config.max_grad_norm and metrics["grad_norm_g"] <= config.max_grad_norm)
+    return any(gradient_norm_exceeded(metrics[key], config.max_grad_norm) for key in ("grad_norm_d", "grad_norm_g"))
 
 
 def all_workers(value: float, device: torch.device, reduce: str = "max") -> float:
@@ -211,11 +220,8 @@ def gan_train_loop(raw_config: dict) -> None:
     else:
         restores = []
 
-    # G and D are wrapped separately; D runs twice per update (real, fake) before
-    # backward, which only works when DDP does not re-broadcast BN buffers per forward.
-    ddp_options = {"parallel_strategy_kwargs": {"forward_sync_buffers": False}}
-    generator = ray.train.torch.prepare_model(generator, **ddp_options)
-    discriminator = ray.train.torch.prepare_model(discriminator, **ddp_options)
+    generator = ray.train.torch.prepare_model(generator, parallel_strategy_kwargs=DDP_OPTIONS)
+    discriminator = ray.train.torch.prepare_model(discriminator, parallel_strategy_kwargs=DDP_OPTIONS)
     ema.module.to(device)
     # GPU: bf16 autocast for the forward passes and channels-last tensors for cuDNN's fastest kernels
     # (train.use_gpu also makes Ray Train use the NCCL backend). CPU runs stay in float32.
@@ -232,7 +238,7 @@ def gan_train_loop(raw_config: dict) -> None:
     window_start, window_cpu, window_steps = time.perf_counter(), time.process_time(), 0
     for step in range(start_step, config.steps):
         real_images, real_labels = batches.batch(step)
-        noise.manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
+        noise.manual_seed(step_noise_seed(config.seed, step, rank))
         losses = train_step(
             generator, discriminator, generator_optimizer, discriminator_optimizer,
             from_uint8(real_images).to(device, memory_format=memory_format),
