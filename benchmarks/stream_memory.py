@@ -67,7 +67,8 @@ def measure(images: int, args, storage: str) -> dict:
     driver_private = next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
     torch.manual_seed(0)
     classifier = Classifier(3, args.image_size, NUM_CLASSES, params.featurenet.feature_dim).eval()
-    reference = ray.put(real_feature_reference(classifier, synthetic_images(500, args.image_size, seed=10**6)))
+    reference = ray.put(real_feature_reference(classifier, synthetic_images(500, args.image_size, seed=10**6),
+                                               np.arange(500, dtype=np.int64) % NUM_CLASSES))
     result = fit(params, shards, reference, shape, params.train.optimizer(), f"stream-{images}")
     history = completed_state(result)["history"]
     del shards  # the split leaves the object store before the next one comes in

@@ -52,11 +52,10 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
-from gancore.ema import ExponentialMovingAverage
 from gancore.images import from_uint8
-from gancore.models import build_gan
 from gancore.models.classifier import Classifier
-from gancore.step import train_step
+from gancore.step import StepSettings
+from gancore.training import OptimizerSettings, TrainingState
 from pipelines.config import Params, parse_params
 from pipelines.dataset import ShardedBatches, decode_shard
 from pipelines.ray_runtime import put_shards
@@ -92,15 +91,11 @@ def mnist(params: Params) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     return {"images": images, "labels": labels.astype(np.int64)}, shape
 
 
-def build_training(params: Params, shape: dict):
-    """G, D, their Adam optimizers and the step recipe, as the Ray worker builds them."""
-    torch.manual_seed(params.train.seed)
-    generator, discriminator = build_gan(params.model.spec(**shape))
-    adam = params.train.optimizer()
-    betas = (adam["beta1"], adam["beta2"])
-    return (generator, discriminator, torch.optim.Adam(generator.parameters(), lr=adam["lr_g"], betas=betas),
-            torch.optim.Adam(discriminator.parameters(), lr=adam["lr_d"], betas=betas),
-            params.model.step_settings(shape["num_classes"]))
+def build_training(params: Params, shape: dict) -> tuple[TrainingState, StepSettings]:
+    """G, D, their EMA and Adam optimizers (the worker's TrainingState) and the step recipe."""
+    state = TrainingState.create(params.model.spec(**shape), OptimizerSettings(**params.train.optimizer()),
+                                 params.train.ema_decay, params.train.seed)
+    return state, params.model.step_settings(shape["num_classes"])
 
 
 def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size: int, rank: int = 0,
@@ -108,12 +103,11 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
     """Runs in its own process, so that its peak RSS is its own. With `ddp_address`, it is rank `rank` of a
     torch.distributed gloo group, G and D wrapped in DDP as the Ray worker wraps them."""
     torch.set_num_threads(threads)
-    generator, discriminator, generator_optimizer, discriminator_optimizer, settings = build_training(params, shape)
-    ema = ExponentialMovingAverage(generator, params.train.ema_decay)
+    state, settings = build_training(params, shape)
     if ddp_address:
         dist.init_process_group("gloo", init_method=ddp_address, rank=rank, world_size=world_size)
-        generator, discriminator = (DistributedDataParallel(model, **DDP_OPTIONS)
-                                    for model in (generator, discriminator))
+        state.generator, state.discriminator = (DistributedDataParallel(model, **DDP_OPTIONS)
+                                                for model in (state.generator, state.discriminator))
     shards = list(encode_shards(data["images"], data["labels"], params.data.shard_size))
     per_step, seed, report_every = batch_size * settings.critic_steps, params.train.seed, params.train.log_every
     batches = ShardedBatches([count for _, count in shards], lambda index: decode_shard(shards[index][0]),
@@ -125,9 +119,7 @@ def plain_loop(params: Params, data: dict, shape: dict, threads: int, batch_size
         step_start = time.perf_counter()
         images, labels = batches.batch(step)
         noise.manual_seed(step_noise_seed(seed, step, rank))
-        train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, from_uint8(images),
-                   torch.from_numpy(labels) if settings.num_classes else None, settings, noise_generator=noise)
-        ema.update(generator)
+        state.iteration(from_uint8(images), torch.from_numpy(labels) if settings.num_classes else None, settings, noise)
         step_seconds.append(time.perf_counter() - step_start)
         if (step + 1) % report_every == 0 or step + 1 == params.train.steps:
             steps_in_window, elapsed = (step % report_every) + 1, time.perf_counter() - window_start
@@ -223,7 +215,8 @@ def one_round(args, one: Params, many: Params, data: dict, shape: dict) -> dict[
         torch.manual_seed(0)
         classifier = Classifier(shape["channels"], shape["image_size"], NUM_CLASSES, one.featurenet.feature_dim)
         shards = put_shards(encode_shards(data["images"], data["labels"], one.data.shard_size))
-        reference_ref = ray.put(real_feature_reference(classifier.eval(), data["images"][:1000]))
+        reference = real_feature_reference(classifier.eval(), data["images"][:1000], data["labels"][:1000])
+        reference_ref = ray.put(reference)
         rows["ray 1"] = with_steal(lambda: run_ray(one, shards, reference_ref, shape))
         overhead = RayOverhead(args.workers)
         overhead.start()
@@ -248,12 +241,11 @@ def steady_rate(rates: list[float]) -> float:
 
 def flops_per_image(params: Params, data: dict, shape: dict) -> float:
     """Model FLOPs (forward and backward, D and G) of one train_step, per image it consumes."""
-    generator, discriminator, generator_optimizer, discriminator_optimizer, settings = build_training(params, shape)
+    state, settings = build_training(params, shape)
     count = params.train.batch_size * settings.critic_steps
     images, labels = from_uint8(data["images"][:count]), torch.from_numpy(data["labels"][:count])
     with FlopCounterMode(display=False) as counter:
-        train_step(generator, discriminator, generator_optimizer, discriminator_optimizer, images,
-                   labels if settings.num_classes else None, settings, noise_generator=torch.Generator().manual_seed(0))
+        state.iteration(images, labels if settings.num_classes else None, settings, torch.Generator().manual_seed(0))
     return counter.get_total_flops() / count
 
 

@@ -1,4 +1,5 @@
-"""Training health checks: divergence (non-finite losses, exploding gradients) and mode collapse.
+"""Training health checks: divergence (non-finite losses, exploding gradients) and mode collapse
+(too few classes, too little diversity over all samples or within a class, labels ignored).
 
 The checks are pure functions that raise a TrainingHealthError subclass whose message names the
 problem, the step, the numbers and what to try next.
@@ -27,7 +28,7 @@ class DivergenceError(TrainingHealthError):
 
 
 class ModeCollapseError(TrainingHealthError):
-    """The generator covers too few classes or its samples are too similar."""
+    """The generator covers too few classes, its samples are too similar, or they ignore their labels."""
 
 
 def check_finite(step: int, values: dict[str, float]) -> None:
@@ -107,14 +108,60 @@ def diversity_ratio(
     return _mean_pairwise_distance(fake, max_pairs, rng) / real_distance
 
 
+def class_diversity(
+    fake_features: np.ndarray, fake_classes: np.ndarray, real_features: np.ndarray, real_classes: np.ndarray,
+    min_per_class: int = 5,
+) -> float:
+    """The least diverse class: the minimum over classes of the diversity ratio within that class.
+
+    Catches what the overall ratio misses: one fixed sample per class is diverse over all samples but
+    collapsed within each class. Fakes are grouped by `fake_classes` (the label a conditional generator
+    was asked for, or featurenet's predicted class), reals by their true labels; only classes with at
+    least `min_per_class` samples on both sides count (fewer give a noisy ratio). NaN when none does
+    (e.g. every sample falls in classes rare among the reals), which the collapse check fails.
+    """
+    fake, real = as_features(fake_features, "fake_features"), as_features(real_features, "real_features")
+    fake_classes, real_classes = _class_labels(fake_classes, fake, "fake"), _class_labels(real_classes, real, "real")
+    if min_per_class < 2:
+        raise ValueError(f"min_per_class must be >= 2 (a distance needs a pair), got {min_per_class}")
+    ratios = [
+        diversity_ratio(fake[fake_classes == label], real[real_classes == label])
+        for label in np.intersect1d(fake_classes, real_classes)
+        if min(np.sum(fake_classes == label), np.sum(real_classes == label)) >= min_per_class
+    ]
+    return min(ratios, default=math.nan)
+
+
+def _class_labels(labels: np.ndarray, features: np.ndarray, side: str) -> np.ndarray:
+    array = np.asarray(labels)
+    if array.shape != (len(features),) or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{side}_classes must be one integer label per {side} feature ({len(features)}), "
+                         f"got {array.dtype} {array.shape}")
+    return array
+
+
 def check_mode_collapse(
-    step: int, coverage: float, diversity: float, min_coverage: float, min_diversity: float
+    step: int, coverage: float, diversity: float, min_coverage: float, min_diversity: float,
+    class_diversity: float | None = None, conditional_accuracy: float | None = None,
+    min_conditional_accuracy: float = 0.0,
 ) -> None:
-    """Raise ModeCollapseError if class coverage or diversity ratio is below its threshold (or NaN)."""
-    if not (coverage >= min_coverage and diversity >= min_diversity):
-        raise ModeCollapseError(
-            f"mode collapse at step {step}: class coverage {coverage:.3f} (min {min_coverage:.3f}), "
-            f"diversity ratio {diversity:.3f} (min {min_diversity:.3f}); try minibatch discrimination, a lower "
-            f"generator learning rate (lr_g), DiffAugment or a different loss; the thresholds are the params "
-            f"train.health.min_class_coverage and train.health.min_diversity"
-        )
+    """Raise ModeCollapseError if a measure is below its threshold (or NaN): class coverage, the diversity
+    ratio over all samples and within the least diverse class (both against `min_diversity`), and a
+    conditional generator's accuracy on its requested labels. None: not measured (an unconditional
+    model has no conditional accuracy)."""
+    measured = [("class coverage", coverage, min_coverage), ("diversity ratio", diversity, min_diversity),
+                ("within-class diversity ratio", class_diversity, min_diversity),
+                ("conditional accuracy", conditional_accuracy, min_conditional_accuracy)]
+    measured = [(name, value, limit) for name, value, limit in measured if value is not None]
+    if all(value >= limit for _, value, limit in measured):
+        return
+    numbers = ", ".join(f"{name} {value:.3f} (min {limit:.3f})" for name, value, limit in measured)
+    ignores_labels = conditional_accuracy is not None and not conditional_accuracy >= min_conditional_accuracy
+    raise ModeCollapseError(
+        f"mode collapse at step {step}: {numbers}; try minibatch discrimination, a lower generator learning "
+        f"rate (lr_g), DiffAugment or a different loss"
+        + ("; for samples that ignore their labels, check that the data's class folders match their images, "
+           "or give conditioning longer to develop (train.health.warmup_steps)" if ignores_labels else "")
+        + "; the thresholds are the params train.health.min_class_coverage, train.health.min_diversity and "
+        "train.health.min_conditional_accuracy"
+    )

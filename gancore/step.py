@@ -44,21 +44,26 @@ def sample_labels(
     return torch.randint(num_classes, (n,), generator=noise_generator).to(device)
 
 
+def requested_labels(count: int, num_classes: int) -> torch.Tensor | None:
+    """The labels generate_images gives a conditional generator: 0, 1, ..., num_classes - 1, 0, 1, ...
+    (equal counts per class); None for an unconditional model."""
+    return torch.arange(count) % num_classes if num_classes else None
+
+
 @torch.no_grad()
 def generate_images(
     generator: nn.Module, count: int, latent_dim: int, seed: int, device: torch.device | str = "cpu",
     batch_size: int = 256, num_classes: int = 0,
 ) -> torch.Tensor:
-    """`count` samples on the CPU from latents drawn with `seed`, in batches (same seed, same images).
-
-    A conditional generator gets labels 0, 1, ..., num_classes - 1, 0, 1, ...: equal counts per class.
-    """
+    """`count` samples on the CPU from latents drawn with `seed`, in batches (same seed, same images);
+    a conditional generator is asked for `requested_labels(count, num_classes)`."""
     noise = torch.Generator().manual_seed(seed)
+    labels = requested_labels(count, num_classes)
     batches = []
     for start in range(0, count, batch_size):
         size = min(batch_size, count - start)
-        labels = (torch.arange(start, start + size) % num_classes).to(device) if num_classes else None
-        batches.append(generator(sample_latent(size, latent_dim, device, noise), labels).cpu())
+        batch_labels = labels[start : start + size].to(device) if num_classes else None
+        batches.append(generator(sample_latent(size, latent_dim, device, noise), batch_labels).cpu())
     return torch.cat(batches)
 
 

@@ -165,6 +165,7 @@ class HealthParams(Section):
     samples: Annotated[int, Field(ge=2)]
     min_class_coverage: Annotated[float, Field(ge=0, le=1)]
     min_diversity: NonNegativeFloat
+    min_conditional_accuracy: Annotated[float, Field(ge=0, le=1)]
 
 
 class TrainParams(OptimizerParams):
@@ -180,6 +181,11 @@ class TrainParams(OptimizerParams):
     seed: int
     use_tuned: bool
     health: HealthParams
+
+    def global_batch_size(self) -> int:
+        """Images per generator step over all workers (at the most workers of an elastic range)."""
+        workers = self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+        return workers * self.batch_size
 
     @field_validator("num_workers")
     @classmethod
@@ -210,12 +216,14 @@ class Distribution(Section):
 
 
 class TuneParams(Section):
+    search: Literal["random", "optuna", "pbt"]
     num_samples: PositiveInt
     num_workers: PositiveInt
     steps: PositiveInt
     report_every: PositiveInt
-    grace_period: PositiveInt
-    reduction_factor: Annotated[int, Field(ge=2)]
+    grace_period: PositiveInt  # random: reports before the first halving
+    reduction_factor: Annotated[int, Field(ge=2)]  # random: 1/reduction_factor of the trials go on at each halving
+    optuna_batch: PositiveInt  # optuna: trials suggested together, each batch from every finished one
     eval_samples: Annotated[int, Field(ge=2)]
     seed: int
     search_space: dict[str, Distribution]
@@ -230,6 +238,21 @@ class TuneParams(Section):
         if not value:
             raise ValueError("search space is empty")
         return value
+
+    @model_validator(mode="after")
+    def _search_can_run(self) -> TuneParams:
+        if self.search != "pbt":
+            return self
+        if self.num_samples < 2:
+            raise ValueError("pbt needs a population: set tune.num_samples to 2 or more")
+        if self.steps <= self.report_every:
+            raise ValueError("pbt exploits and explores between reports: tune.steps must exceed tune.report_every")
+        frozen = sorted(key for key, distribution in self.search_space.items()
+                        if distribution.choice is not None and len(distribution.choice) < 2)
+        if frozen:
+            raise ValueError(f"pbt cannot mutate a one-value choice ({', '.join(frozen)}): give it two or more "
+                             f"values, or move the key to train.* and out of tune.search_space")
+        return self
 
 
 class EvalParams(Section):
@@ -279,6 +302,9 @@ class Params(_RegisterField):
     def _consistent(self) -> Params:
         if self.tune.report_every > self.tune.steps:
             raise ValueError("tune.report_every must not exceed tune.steps (a trial would never report)")
+        if self.train.global_batch_size() % self.tune.num_workers:
+            raise ValueError(f"tune.num_workers must divide the global batch train.num_workers x train.batch_size "
+                             f"({self.train.global_batch_size()}): a trial trains with the same global batch")
         if self.eval.kid_subset_size > self.eval.num_samples:
             raise ValueError("eval.kid_subset_size must not exceed eval.num_samples")
         return self
@@ -292,6 +318,8 @@ def _describe(error: ValidationError, path: Path) -> str:
             lines.append(f"  - {key}: unknown key (typo? remove it or check the params reference in README.md)")
         elif item["type"] == "missing":
             lines.append(f"  - {key}: missing required key")
+        elif isinstance(item.get("input"), dict):  # a cross-key check of a section: the message names the keys
+            lines.append(f"  - {key}: {item['msg']}")
         else:
             lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

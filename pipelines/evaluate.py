@@ -1,4 +1,6 @@
-"""Stage evaluate: FID, KID, IS, precision/recall and density/coverage beside the real-vs-real baseline.
+"""Stage evaluate: FID, KID, IS, precision/recall and density/coverage beside the real-vs-real baseline,
+and for a conditional model featurenet's accuracy on the labels its samples were asked for (the
+baseline: featurenet's accuracy on held-out images).
 
 Scored in featurenet space, and also in Inception-v3 space when eval.inception_weights
 points at a local TorchScript file. The baseline compares N training images with the
@@ -19,14 +21,15 @@ import torch
 from PIL import Image
 
 from gancore.images import from_uint8, make_grid
-from gancore.metrics.bootstrap import bootstrap_interval
+from gancore.metrics.bootstrap import bootstrap_interval, one_sample_bootstrap_interval
+from gancore.metrics.conditional import conditional_accuracy
 from gancore.metrics.features import extract
 from gancore.metrics.fid import fid
 from gancore.metrics.inception import inception_features
 from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
 from gancore.metrics.prdc import coverage, density, precision, recall
-from gancore.step import generate_images
+from gancore.step import generate_images, requested_labels
 from pipelines.config import EvalParams, load_params_or_exit
 from pipelines.dataset import load_split
 from pipelines.featurenet import load_featurenet
@@ -59,10 +62,9 @@ def score(features: np.ndarray, probs: np.ndarray | None, reference: np.ndarray,
     }
 
     def with_interval(metric, bounds=(-np.inf, np.inf)) -> dict:
-        low, high = bootstrap_interval(metric, features, reference, num_resamples=params.bootstrap_resamples,
-                                       seed=params.seed)
-        return {"value": metric(features, reference), "ci95_low": max(low, bounds[0]),
-                "ci95_high": min(high, bounds[1]), "n": n}
+        interval = bootstrap_interval(metric, features, reference, num_resamples=params.bootstrap_resamples,
+                                      seed=params.seed)
+        return metric_entry(metric(features, reference), interval, n, bounds)
 
     result = {"fid": with_interval(fid), "kid": with_interval(kid_mean)}
     if probs is not None:
@@ -72,6 +74,23 @@ def score(features: np.ndarray, probs: np.ndarray | None, reference: np.ndarray,
         # Precision, recall and coverage are fractions; density may exceed 1.
         result[name] = with_interval(metric, (0.0, np.inf if name == "density" else 1.0))
     return result
+
+
+def metric_entry(value: float, interval: tuple[float, float], n: int, bounds=(-np.inf, np.inf)) -> dict:
+    """One metric in metrics.json: its value, N, and its 95% interval clipped to the metric's range."""
+    return {"value": value, "ci95_low": max(interval[0], bounds[0]), "ci95_high": min(interval[1], bounds[1]), "n": n}
+
+
+def accuracy_score(probs: np.ndarray, labels: np.ndarray, params: EvalParams) -> dict:
+    """Featurenet's accuracy against `labels` (for samples: the labels they were asked for), with N and a 95%
+    percentile bootstrap interval over the (sample, label) pairs."""
+    def accuracy(rows: np.ndarray) -> float:
+        return conditional_accuracy(probs[rows], labels[rows])
+
+    pairs = np.arange(len(labels))
+    interval = one_sample_bootstrap_interval(accuracy, pairs, num_resamples=params.bootstrap_resamples,
+                                             seed=params.seed)
+    return metric_entry(accuracy(pairs), interval, len(labels), (0.0, 1.0))
 
 
 def save_grid(images: torch.Tensor, path: Path, scale: int = 3) -> None:
@@ -102,13 +121,14 @@ def main() -> None:
     generator, model_config = load_generator(MODEL_DIR)
     classifier = load_featurenet()
     # N images are drawn from a pool of 10 N per split (the whole split when smaller): memory stays bounded.
-    test_images, _ = load_split(PREPARED, "test", limit=10 * params.num_samples)
+    test_images, test_labels = load_split(PREPARED, "test", limit=10 * params.num_samples)
     train_images, _ = load_split(PREPARED, "train", limit=10 * params.num_samples)
     n = min(params.num_samples, len(test_images), len(train_images))
     if n < params.num_samples:
         print(f"[evaluate] only {n} held-out images: metrics use N={n}, not eval.num_samples={params.num_samples}")
     rng = np.random.default_rng(params.seed)
-    real_test = from_uint8(test_images[rng.choice(len(test_images), n, replace=False)])
+    test_rows = rng.choice(len(test_images), n, replace=False)
+    real_test = from_uint8(test_images[test_rows])
     real_train = from_uint8(train_images[rng.choice(len(train_images), n, replace=False)])
     fakes = generate_images(generator, n, model_config["latent_dim"], params.seed,
                             num_classes=model_config["num_classes"])
@@ -119,6 +139,11 @@ def main() -> None:
     print(f"[evaluate] scoring {n} generated and {n} real images in featurenet space", flush=True)
     generated = score(fake_features, fake_probs, test_features, params)
     baseline = score(train_features, train_probs, test_features, params)
+    requested = requested_labels(n, model_config["num_classes"])
+    if requested is not None:
+        # The real-data value is featurenet's accuracy on held-out images: the ceiling for samples.
+        generated["conditional_accuracy"] = accuracy_score(fake_probs, requested.numpy(), params)
+        baseline["conditional_accuracy"] = accuracy_score(test_probs, test_labels[test_rows], params)
     metrics = {**generated, "real_vs_real": baseline, "feature_space": "featurenet", "n": n}
     if params.inception_weights is not None:
         print(f"[evaluate] scoring in Inception-v3 space ({params.inception_weights})", flush=True)
@@ -129,12 +154,14 @@ def main() -> None:
     write_json_atomic(METRICS_FILE, metrics)
     save_grid(fakes[: params.grid_size], SAMPLES_FILE)
     plot_curves(HISTORY_FILE, CURVES_FILE)
+    conditional = (f" conditional accuracy {generated['conditional_accuracy']['value']:.3f}"
+                   f" ({baseline['conditional_accuracy']['value']:.3f})," if requested is not None else "")
     print(
         f"[evaluate] FID {generated['fid']['value']:.2f} (real-vs-real {baseline['fid']['value']:.2f}),"
         f" KID {generated['kid']['value']:.4f} ({baseline['kid']['value']:.4f}),"
         f" IS {generated['inception_score']['value']:.2f} ({baseline['inception_score']['value']:.2f}),"
         f" precision {generated['precision']['value']:.3f} ({baseline['precision']['value']:.3f}),"
-        f" recall {generated['recall']['value']:.3f} ({baseline['recall']['value']:.3f}), N={n}"
+        f" recall {generated['recall']['value']:.3f} ({baseline['recall']['value']:.3f}),{conditional} N={n}"
         f" -> {METRICS_FILE}, {SAMPLES_FILE}",
         flush=True,
     )

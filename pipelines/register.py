@@ -120,11 +120,15 @@ def find_version(client: MlflowClient, name: str, key: str):
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
-    """Every scored value of results/eval/metrics.json as one MLflow metric, e.g. real_vs_real_fid."""
+    """Every scored value of results/eval/metrics.json and its interval as MLflow metrics, e.g. real_vs_real_fid,
+    conditional_accuracy_ci95_low."""
     flat = {"eval_n": metrics["n"]}
     for prefix, section in (("", metrics), ("real_vs_real_", metrics["real_vs_real"])):
-        flat |= {f"{prefix}{name}": entry["value"] for name, entry in section.items()
-                 if isinstance(entry, dict) and "value" in entry}
+        for name, entry in section.items():
+            if isinstance(entry, dict) and "value" in entry:
+                flat[f"{prefix}{name}"] = entry["value"]
+                flat |= {f"{prefix}{name}_{bound}": entry[bound] for bound in ("ci95_low", "ci95_high")
+                         if bound in entry}
     if "inception_v3" in metrics:
         flat |= {f"inception_v3_{key}": value for key, value in flat_metrics({**metrics["inception_v3"],
                                                                               "n": metrics["n"]}).items()}

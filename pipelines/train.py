@@ -32,7 +32,8 @@ BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
 MODEL_DIR = Path("models/gan")
 HISTORY_FILE = Path("results/train/history.csv")
 HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "images_per_second",
-                  "cpu_cores_busy", "peak_rss_mb", "peak_gpu_memory_mb", "fid", "class_coverage", "diversity")
+                  "cpu_cores_busy", "peak_rss_mb", "peak_gpu_memory_mb", "fid", "class_coverage", "diversity",
+                  "class_diversity", "conditional_accuracy")
 
 
 class TrainingStopped(RuntimeError):
@@ -57,7 +58,10 @@ class ProgressLine(UserCallback):
             rate = (step - self.first_step) / max(time.monotonic() - self.started, 1e-9)
             eta = f"{(self.total_steps - step) / max(rate, 1e-9):.0f}s"
         quality = (f" | domain-FID {report['fid']:.2f} coverage {report['class_coverage']:.2f}"
-                   f" diversity {report['diversity']:.2f}" if "fid" in report else "")
+                   f" diversity {report['diversity']:.2f} (per class {report['class_diversity']:.2f})"
+                   if "fid" in report else "")
+        if "conditional_accuracy" in report:
+            quality += f" accuracy {report['conditional_accuracy']:.2f}"
         print(
             f"[train] step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"
             f" | {report['images_per_second']:.0f} img/s | {report['cpu_cores_busy']:.2f} CPU"

@@ -1,6 +1,7 @@
 """Sample-quality metrics, computed as pure functions of feature arrays."""
 
-from gancore.metrics.bootstrap import bootstrap_interval
+from gancore.metrics.bootstrap import bootstrap_interval, one_sample_bootstrap_interval
+from gancore.metrics.conditional import conditional_accuracy
 from gancore.metrics.features import extract
 from gancore.metrics.fid import fid, frechet_distance, gaussian_statistics
 from gancore.metrics.inception import InceptionFeatures, inception_features
@@ -11,6 +12,7 @@ from gancore.metrics.prdc import coverage, density, density_coverage, precision,
 __all__ = [
     "InceptionFeatures",
     "bootstrap_interval",
+    "conditional_accuracy",
     "coverage",
     "density",
     "density_coverage",
@@ -21,6 +23,7 @@ __all__ = [
     "inception_features",
     "inception_score",
     "kid",
+    "one_sample_bootstrap_interval",
     "precision",
     "precision_recall",
     "recall",

@@ -34,6 +34,8 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     evaluated = [row for row in state["history"] if "fid" in row]
     assert [row["step"] for row in evaluated] == [6], "EMA samples are scored at the end of the run"
     assert 0 <= evaluated[0]["class_coverage"] <= 1 and evaluated[0]["diversity"] > 0
+    # The toy model is conditional: diversity within each requested class, and accuracy on the labels.
+    assert evaluated[0]["class_diversity"] > 0 and 0 <= evaluated[0]["conditional_accuracy"] <= 1
     assert {"generator", "discriminator", "generator_ema", "generator_optimizer", "discriminator_optimizer",
             "torch_rng"} <= set(state)
 

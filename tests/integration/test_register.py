@@ -44,7 +44,8 @@ def write_workspace(root: Path, fid: float, seed: int, num_classes: int = 0) -> 
     }))
     evaluation = root / "results" / "eval"
     evaluation.mkdir(parents=True, exist_ok=True)
-    scores = {"fid": {"value": fid}, "kid": {"value": fid / 100}, "inception_score": {"value": 5.0}}
+    scores = {"fid": {"value": fid}, "kid": {"value": fid / 100}, "inception_score": {"value": 5.0},
+              "conditional_accuracy": {"value": 0.9, "ci95_low": 0.85, "ci95_high": 0.95, "n": 64}}
     (evaluation / "metrics.json").write_text(json.dumps({**scores, "real_vs_real": scores, "n": 64}))
     for picture in ("samples.png", "curves.png"):
         Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(evaluation / picture)
@@ -92,6 +93,8 @@ def test_register_gates_champion_and_is_idempotent(workspace):
     client = MlflowClient()
     run = client.get_run(client.get_model_version(name, "3").run_id)
     assert run.data.metrics["fid"] == 20.0
+    assert [run.data.metrics[f"conditional_accuracy{part}"] for part in ("", "_ci95_low", "_ci95_high")] == [
+        0.9, 0.85, 0.95], "each metric is logged with its interval"
     assert run.data.tags["dataset_hash"] == "d" * 64
     assert run.data.tags["ray_run_name"] == "train-3" and run.data.tags["ray_job_id"] == "01000000"
     assert run.data.tags["git_commit"]

@@ -34,9 +34,9 @@ def blobs(count: int = 96, size: int = 16) -> np.ndarray:
 def toy_fit(params: Params, name: str):
     """fit() on the toy images, scored by an untrained featurenet (only the plumbing is under test)."""
     images = blobs()
-    torch.manual_seed(0)
-    reference = real_feature_reference(Classifier(1, 16, 10, 32), images)
     labels = np.arange(len(images), dtype=np.int64) % 2  # two arbitrary classes
+    torch.manual_seed(0)
+    reference = real_feature_reference(Classifier(1, 16, 10, 32), images, labels)
     shards = put_shards(encode_shards(images, labels, shard_size=40))  # 40 + 40 + 16: batches straddle shards
     shape = {"channels": 1, "image_size": 16, "num_classes": 2}
     return fit(params, shards, ray.put(reference), shape, params.train.optimizer(), name=name)

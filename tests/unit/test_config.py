@@ -54,6 +54,13 @@ def test_bad_value_names_the_key(section, key, value, expected):
     assert repr(value) in str(error.value), "the message should show the offending value"
 
 
+def test_min_conditional_accuracy_is_a_fraction():
+    raw = copy.deepcopy(DEFAULTS)
+    raw["train"]["health"]["min_conditional_accuracy"] = 1.5
+    with pytest.raises(ConfigError, match=r"train\.health\.min_conditional_accuracy"):
+        parse_params(raw)
+
+
 def test_unknown_key_is_an_error():
     raw = with_change("train", "learning_rate", 0.1)
     with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):

@@ -12,9 +12,12 @@ from gancore.health import (
     check_gradient_norm,
     check_mode_collapse,
     class_coverage,
+    class_diversity,
     diversity_ratio,
     gradient_norm,
 )
+from gancore.metrics import conditional_accuracy
+from gancore.step import requested_labels
 
 
 def _normal(n: int, d: int, seed: int) -> np.ndarray:
@@ -118,12 +121,106 @@ def test_check_mode_collapse_passes_above_thresholds():
     check_mode_collapse(100, coverage=0.95, diversity=0.8, min_coverage=0.9, min_diversity=0.5)
 
 
-@pytest.mark.parametrize("coverage, diversity", [(0.42, 0.8), (0.95, 0.13), (0.95, math.nan)])
-def test_check_mode_collapse_reports_numbers_and_advice(coverage, diversity):
+@pytest.mark.parametrize("coverage, diversity, within_class, accuracy", [
+    (0.42, 0.8, 0.7, None), (0.95, 0.13, 0.7, None), (0.95, math.nan, 0.7, None), (0.95, 0.8, 0.02, None),
+    (0.95, 0.8, math.nan, 0.9), (0.95, 0.8, 0.7, 0.11),
+])
+def test_check_mode_collapse_reports_numbers_and_advice(coverage, diversity, within_class, accuracy):
     with pytest.raises(ModeCollapseError) as error:
-        check_mode_collapse(777, coverage=coverage, diversity=diversity, min_coverage=0.9, min_diversity=0.5)
+        check_mode_collapse(777, coverage=coverage, diversity=diversity, min_coverage=0.9, min_diversity=0.5,
+                            class_diversity=within_class, conditional_accuracy=accuracy, min_conditional_accuracy=0.6)
     assert isinstance(error.value, TrainingHealthError)
     message = str(error.value)
     assert "777" in message and f"{coverage:.3f}" in message and f"{diversity:.3f}" in message
+    assert f"within-class diversity ratio {within_class:.3f}" in message
     assert "0.900" in message and "0.500" in message
+    assert ("conditional accuracy" in message) == (accuracy is not None), "an unconditional model has none"
     assert "minibatch discrimination" in message and "DiffAugment" in message
+    assert "train.health.min_diversity" in message and "train.health.min_conditional_accuracy" in message
+    assert ("class folders" in message) == (accuracy == 0.11), "label advice only when labels are ignored"
+
+
+# A feature space with 10 well-separated classes (unit spread around each centre) and a featurenet that
+# recognises them: the setting in which the collapse check must tell healthy from degenerate generators.
+CLASSES, DIM = 10, 8
+CENTRES = 6.0 * _normal(CLASSES, DIM, 100)
+
+
+def _images_of(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Features of fresh images of these classes."""
+    return CENTRES[labels] + _normal(len(labels), DIM, seed)
+
+
+def _featurenet_classes(features: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(features[:, None] - CENTRES[None], axis=2).argmin(axis=1)
+
+
+def _collapse_check(fakes: np.ndarray, conditional: bool) -> dict[str, float]:
+    """The worker's evaluation and check with params.yaml's limits; returns the measures (raises on collapse).
+
+    Fakes are grouped by the label they were asked for when conditional, by featurenet's class otherwise."""
+    real_labels = np.arange(1000) % CLASSES
+    reals = _images_of(real_labels, seed=1)
+    predicted = _featurenet_classes(fakes)
+    requested = requested_labels(len(fakes), CLASSES).numpy() if conditional else None
+    measures = {
+        "coverage": class_coverage(predicted, CLASSES), "diversity": diversity_ratio(fakes, reals),
+        "class_diversity": class_diversity(fakes, predicted if requested is None else requested, reals, real_labels),
+        "conditional_accuracy": None if requested is None else conditional_accuracy(predicted, requested),
+    }
+    check_mode_collapse(500, min_coverage=0.3, min_diversity=0.25, min_conditional_accuracy=0.5, **measures)
+    return measures
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_healthy_generator_passes(conditional):
+    labels = requested_labels(500, CLASSES).numpy()
+    measures = _collapse_check(_images_of(labels, seed=2), conditional)
+    assert measures["class_diversity"] == pytest.approx(1.0, abs=0.3)
+    assert measures["conditional_accuracy"] in (None, pytest.approx(1.0, abs=0.02))
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_one_fixed_image_per_class_is_collapse(conditional):
+    """Every class present and the samples far apart overall: only diversity within a class shows the collapse."""
+    fixed_per_class = CENTRES[requested_labels(500, CLASSES).numpy()]
+    labels = _featurenet_classes(fixed_per_class)
+    assert class_coverage(labels, CLASSES) > 0.99 and diversity_ratio(fixed_per_class, _images_of(labels, 1)) > 0.8
+    with pytest.raises(ModeCollapseError, match=r"within-class diversity ratio 0\.000 \(min 0\.250\)"):
+        _collapse_check(fixed_per_class, conditional)
+
+
+def test_conditional_generator_that_ignores_its_labels_is_collapse():
+    """Diverse, realistic samples of every class, but not of the class asked for: accuracy near chance."""
+    ignored = _images_of(np.random.default_rng(3).integers(0, CLASSES, 500), seed=4)
+    with pytest.raises(ModeCollapseError, match=r"conditional accuracy 0\.\d+ \(min 0\.500\)") as error:
+        _collapse_check(ignored, conditional=True)
+    accuracy = float(str(error.value).split("conditional accuracy ")[1].split()[0])
+    assert accuracy == pytest.approx(1 / CLASSES, abs=0.05)
+    assert "within-class" in str(error.value) and "class folders" in str(error.value)
+    _collapse_check(ignored, conditional=False)  # the same samples from an unconditional model are healthy
+
+
+def test_class_diversity_is_the_least_diverse_class():
+    reals, real_labels = _images_of(np.arange(200) % 2, seed=5), np.arange(200) % 2
+    fakes, fake_labels = _images_of(np.arange(200) % 2, seed=6), np.arange(200) % 2
+    fakes[fake_labels == 1] = CENTRES[1] + 0.5 * (fakes[fake_labels == 1] - CENTRES[1])  # class 1 half as spread
+    assert class_diversity(fakes, fake_labels, reals, real_labels) == pytest.approx(0.5, abs=0.05)
+
+
+def test_class_diversity_skips_classes_with_too_few_samples():
+    reals, real_labels = _images_of(np.arange(100) % 2, seed=7), np.arange(100) % 2
+    fake_labels = np.array([0] * 30 + [1] * 2)
+    fakes = _images_of(fake_labels, seed=8)
+    fakes[30:] = CENTRES[1]  # two identical samples of class 1: too few to judge
+    assert class_diversity(fakes, fake_labels, reals, real_labels) == pytest.approx(1.0, abs=0.2)
+    assert class_diversity(fakes, fake_labels, reals, real_labels, min_per_class=2) < 1e-6
+    assert math.isnan(class_diversity(fakes, fake_labels, reals, real_labels, min_per_class=40))
+
+
+def test_class_diversity_rejects_mismatched_labels():
+    features = _normal(10, 4, 0)
+    with pytest.raises(ValueError, match="fake_classes"):
+        class_diversity(features, np.zeros(9, dtype=int), features, np.zeros(10, dtype=int))
+    with pytest.raises(ValueError, match="real_classes"):
+        class_diversity(features, np.zeros(10, dtype=int), features, np.zeros(10))

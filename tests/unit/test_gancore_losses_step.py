@@ -11,7 +11,7 @@ from gancore.ema import ExponentialMovingAverage
 from gancore.losses import LOSSES, SMOOTHABLE, discriminator_loss, generator_loss
 from gancore.models import ModelSpec, build_gan
 from gancore.regularizers import feature_matching_loss, gradient_penalty, r1_penalty
-from gancore.step import StepSettings, generate_images, sample_latent, train_step
+from gancore.step import StepSettings, generate_images, requested_labels, sample_latent, train_step
 
 REAL = torch.tensor([2.0, -1.0])
 FAKE = torch.tensor([0.5, -3.0])
@@ -285,3 +285,17 @@ def test_generate_images_is_seeded_batched_and_class_balanced():
     with torch.no_grad():
         expected = generator(latents[4:5], torch.tensor([1]))
     torch.testing.assert_close(first[4:5], expected)
+
+
+def test_generate_images_asks_for_the_requested_labels():
+    """Evaluation scores samples against requested_labels: they must be the labels the generator got."""
+    asked = []
+
+    def recording_generator(latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        asked.append(labels)
+        return latents
+
+    generate_images(recording_generator, 10, 8, seed=0, batch_size=4, num_classes=3)
+    assert torch.equal(torch.cat(asked), requested_labels(10, 3))
+    assert requested_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert requested_labels(7, 0) is None

@@ -8,12 +8,14 @@ from torchmetrics.image.kid import poly_mmd
 
 from gancore.metrics import (
     bootstrap_interval,
+    conditional_accuracy,
     extract,
     fid,
     frechet_distance,
     gaussian_statistics,
     inception_score,
     kid,
+    one_sample_bootstrap_interval,
 )
 from gancore.models.classifier import Classifier
 
@@ -178,3 +180,40 @@ def test_bootstrap_interval_is_bias_corrected_for_small_n():
     point = fid(a, b)
     low, high = bootstrap_interval(fid, a, b, num_resamples=50, seed=0)
     assert low <= point <= high, "the interval must describe the reported value, not a smaller effective N"
+
+
+def test_conditional_accuracy_from_probabilities_or_classes():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1]])
+    requested = np.array([0, 2, 0, 1])
+    assert conditional_accuracy(probabilities, requested) == 0.5  # samples 0 and 1 show the class asked for
+    assert conditional_accuracy(np.array([0, 2, 1, 0]), requested) == 0.5
+    assert conditional_accuracy(np.log(probabilities), requested) == 0.5, "logits rank classes the same way"
+
+
+def test_conditional_accuracy_of_a_generator_that_ignores_its_labels_is_chance():
+    rng = np.random.default_rng(30)
+    requested = np.arange(5000) % 10
+    assert conditional_accuracy(rng.integers(0, 10, 5000), requested) == pytest.approx(0.1, abs=0.015)
+
+
+def test_conditional_accuracy_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="requested labels"):
+        conditional_accuracy(np.zeros((4, 3)), np.zeros(5, dtype=int))
+    with pytest.raises(ValueError, match="integers"):
+        conditional_accuracy(np.zeros(4, dtype=int), np.zeros(4))
+
+
+def test_one_sample_bootstrap_interval_of_an_accuracy():
+    hits = np.random.default_rng(31).random(2000) < 0.3
+    low, high = one_sample_bootstrap_interval(np.mean, hits, num_resamples=200, seed=0)
+    standard_error = np.sqrt(0.3 * 0.7 / 2000)
+    assert low < hits.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.25)
+    assert one_sample_bootstrap_interval(np.mean, hits, num_resamples=200, seed=0) == (low, high)
+    # Paired arrays resample together through their row indices.
+    predicted, requested = np.where(hits, 3, 4), np.full(2000, 3)
+    paired = one_sample_bootstrap_interval(lambda rows: conditional_accuracy(predicted[rows], requested[rows]),
+                                           np.arange(2000), num_resamples=200, seed=0)
+    assert paired == pytest.approx((low, high))
+    with pytest.raises(ValueError):
+        one_sample_bootstrap_interval(np.mean, hits, num_resamples=0)

@@ -1,0 +1,92 @@
+"""Does a tune trial's score predict the full run's quality? Rank correlation over sampled configurations.
+
+    python benchmarks/tune_correlation.py [--configs 6] [--processes 2]
+
+Draws `--configs` optimizer settings from params.yaml's tune.search_space (seeded with tune.seed) and
+trains each at the full budget on the prepared data with the plain gancore loop (train.steps at the
+global batch train.num_workers x train.batch_size, final domain-FID from eval.num_samples samples).
+A tune trial is a prefix of that run (same global batch and seed), so every tune.report_every steps
+the run is scored as a trial would be (domain-FID of tune.eval_samples EMA samples). Prints Spearman's
+rho between each trial length's score and the full-budget FID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from benchmarks.prepared_setup import PreparedSetup, load_params, train_plain
+from gancore.training import OptimizerSettings
+from pipelines.config import Distribution, Params
+
+SETUP: PreparedSetup | None = None  # trained once in the parent; forked workers inherit it
+
+
+def draw(space: dict[str, Distribution], rng: np.random.Generator) -> dict[str, float]:
+    """One configuration from the search space, with the distributions tune samples from."""
+    config = {}
+    for key, distribution in space.items():
+        if distribution.loguniform is not None:
+            config[key] = float(np.exp(rng.uniform(*np.log(distribution.loguniform))))
+        elif distribution.uniform is not None:
+            config[key] = float(rng.uniform(*distribution.uniform))
+        else:
+            config[key] = float(distribution.choice[rng.integers(len(distribution.choice))])
+    return config
+
+
+def score_config(job: tuple[Params, dict[str, float]]) -> dict:
+    """Train one configuration at the full budget, scoring it as a trial would at every tune report."""
+    params, config = job
+    torch.set_num_threads(1)
+    optimizer = OptimizerSettings(**{**params.train.optimizer(), **config})
+    reference = SETUP.test_features(len(SETUP.test_images), seed=0)
+    trial_scores: dict[int, float] = {}
+
+    def score_prefix(done: int, state) -> None:
+        if done % params.tune.report_every == 0 and done < params.train.steps:
+            trial_scores[done] = SETUP.sample_fid(state.ema.module, params.tune.eval_samples, reference)
+
+    started = time.perf_counter()
+    full, _, _ = train_plain(params, optimizer, SETUP, params.train.global_batch_size(),
+                             params.tune.seed, steps=params.train.steps, on_step=score_prefix)
+    full_fid = SETUP.sample_fid(full.ema.module, params.eval.num_samples, reference)
+    print(f"  {config} -> full FID {full_fid:.2f}; trial FIDs {trial_scores} ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+    return {**config, "trial_scores": trial_scores, "full_fid": full_fid}
+
+
+def main() -> None:
+    global SETUP
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=int, default=6)
+    parser.add_argument("--processes", type=int, default=2, help="configurations trained side by side, 1 thread each")
+    args = parser.parse_args()
+    params = load_params()
+    SETUP = PreparedSetup.load()
+    rng = np.random.default_rng(params.tune.seed)
+    configs = [draw(params.tune.search_space, rng) for _ in range(args.configs)]
+    print(f"{args.configs} configurations from tune.search_space; trial = {params.tune.steps} steps, "
+          f"full = {params.train.steps} steps", flush=True)
+    with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+        rows = pool.map(score_config, [(params, config) for config in configs], chunksize=1)
+    keys = list(params.tune.search_space)
+    print(f"\n| {' | '.join(keys)} | trial FID at {params.tune.steps} steps | full FID |")
+    print("|" + "---|" * (len(keys) + 2))
+    for row in sorted(rows, key=lambda row: row["full_fid"]):
+        print("| " + " | ".join(f"{row[key]:.3g}" for key in keys)
+              + f" | {row['trial_scores'].get(params.tune.steps, float('nan')):.2f} | {row['full_fid']:.2f} |")
+    print("\nSpearman rank correlation of a trial's score (FID after `steps`) with the full-budget FID:")
+    for steps in sorted(rows[0]["trial_scores"]):
+        rho, p_value = spearmanr([row["trial_scores"][steps] for row in rows], [row["full_fid"] for row in rows])
+        marker = "  <- tune.steps" if steps == params.tune.steps else ""
+        print(f"  trial of {steps:5d} steps: rho = {rho:+.2f} (p = {p_value:.2f}, {len(rows)} configurations){marker}")
+
+
+if __name__ == "__main__":
+    main()
