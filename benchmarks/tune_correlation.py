@@ -5,8 +5,8 @@
 Draws `--configs` optimizer settings from params.yaml's tune.search_space (seeded with tune.seed) and
 trains each at the full budget on the prepared data with the plain gancore loop (train.steps at the
 global batch train.num_workers x train.batch_size, final domain-FID from eval.num_samples samples).
-A tune trial is a prefix of that run (same global batch and seed), so every tune.report_every steps
-the run is scored as a trial would be (domain-FID of tune.eval_samples EMA samples). Prints Spearman's
+A tune trial is a prefix of that run (same global batch and seed), so every tune.report_every (or
+--every) steps the run is scored as a trial would be (domain-FID of tune.eval_samples EMA samples). Prints Spearman's
 rho between each trial length's score and the full-budget FID.
 """
 
@@ -40,16 +40,16 @@ def draw(space: dict[str, Distribution], rng: np.random.Generator) -> dict[str, 
     return config
 
 
-def score_config(job: tuple[Params, dict[str, float]]) -> dict:
+def score_config(job: tuple[Params, dict[str, float], int]) -> dict:
     """Train one configuration at the full budget, scoring it as a trial would at every tune report."""
-    params, config = job
+    params, config, every = job
     torch.set_num_threads(1)
     optimizer = OptimizerSettings(**{**params.train.optimizer(), **config})
     reference = SETUP.test_features(len(SETUP.test_images), seed=0)
     trial_scores: dict[int, float] = {}
 
     def score_prefix(done: int, state) -> None:
-        if done % params.tune.report_every == 0 and done < params.train.steps:
+        if done % every == 0 and done < params.train.steps:
             trial_scores[done] = SETUP.sample_fid(state.ema.module, params.tune.eval_samples, reference)
 
     started = time.perf_counter()
@@ -66,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, default=6)
     parser.add_argument("--processes", type=int, default=2, help="configurations trained side by side, 1 thread each")
+    parser.add_argument("--every", type=int, help="steps between trial scores (default: tune.report_every)")
     args = parser.parse_args()
     params = load_params()
     SETUP = PreparedSetup.load()
@@ -74,7 +75,8 @@ def main() -> None:
     print(f"{args.configs} configurations from tune.search_space; trial = {params.tune.steps} steps, "
           f"full = {params.train.steps} steps", flush=True)
     with multiprocessing.get_context("fork").Pool(args.processes) as pool:
-        rows = pool.map(score_config, [(params, config) for config in configs], chunksize=1)
+        jobs = [(params, config, args.every or params.tune.report_every) for config in configs]
+        rows = pool.map(score_config, jobs, chunksize=1)
     keys = list(params.tune.search_space)
     print(f"\n| {' | '.join(keys)} | trial FID at {params.tune.steps} steps | full FID |")
     print("|" + "---|" * (len(keys) + 2))
