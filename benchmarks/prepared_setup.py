@@ -10,27 +10,19 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from gancore.images import from_uint8
 from gancore.metrics import extract, fid
 from gancore.models.classifier import Classifier
 from gancore.step import generate_images
 from gancore.training import OptimizerSettings, TrainingState
-from pipelines.config import Params, parse_params
+from pipelines.artifacts import FEATURENET_FILE, PREPARED_DIR, load_featurenet
+from pipelines.config import Params
 from pipelines.dataset import DatasetError, load_split, model_shape, read_manifest
-from pipelines.featurenet import FEATURENET_FILE, load_featurenet
 from pipelines.worker import EVAL_SEED, REFERENCE_IMAGES, step_noise_seed
-
-PREPARED = Path("data/prepared")
-
-
-def load_params() -> Params:
-    return parse_params(yaml.safe_load(Path("params.yaml").read_text()))
 
 
 @dataclass(frozen=True)
@@ -46,13 +38,13 @@ class PreparedSetup:
     @classmethod
     def load(cls) -> PreparedSetup:
         try:
-            train_images, train_labels = load_split(PREPARED, "train")
-            test_images, _ = load_split(PREPARED, "test", limit=REFERENCE_IMAGES)
-            shape = model_shape(read_manifest(PREPARED))
+            train_images, train_labels = load_split(PREPARED_DIR, "train")
+            test_images, _ = load_split(PREPARED_DIR, "test", limit=REFERENCE_IMAGES)
+            shape = model_shape(read_manifest(PREPARED_DIR))
             classifier = load_featurenet()
         except (DatasetError, FileNotFoundError) as error:
             sys.exit(f"{error}\nThe benchmarks score in the pipeline's own data and feature space: "
-                     f"run `dvc repro featurenet` first ({PREPARED}, {FEATURENET_FILE}).")
+                     f"run `dvc repro featurenet` first ({PREPARED_DIR}, {FEATURENET_FILE}).")
         return cls(train_images, train_labels, test_images, shape, classifier)
 
     def features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -24,15 +24,16 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.prepared_setup import PREPARED, PreparedSetup, load_params, train_plain
+from benchmarks.prepared_setup import PreparedSetup, train_plain
 from gancore.images import from_uint8
 from gancore.models import ModelSpec, build_gan
 from gancore.step import generate_images
 from gancore.training import OptimizerSettings
-from pipelines.config import Params
+from pipelines.artifacts import PREPARED_DIR
+from pipelines.config import Params, load_params
 from pipelines.evaluate import save_grid, score
 from pipelines.ray_runtime import init_ray
-from pipelines.train import completed_state, fit, run_name
+from pipelines.train import completed_state, fit
 from pipelines.worker import publish_training_data
 
 CLASSIC_MODEL = {"family": "dcgan", "latent_dim": 100, "base_channels": 32, "conditional": False,
@@ -51,7 +52,7 @@ def with_seed(params: Params, seed: int, **train: object) -> Params:
 def run_default(params: Params, published) -> tuple[torch.nn.Module, float]:
     """The train stage's fit() on the published shards; its EMA generator and the seconds fit() took."""
     optimizer = params.train.optimizer()
-    name = f"quality-{run_name(params, optimizer, 'benchmark')}-{time.time_ns()}"  # never resume an old run
+    name = f"quality-seed{params.train.seed}-{time.time_ns()}"  # never resume an old run
     started = time.perf_counter()
     state = completed_state(fit(params, *published, optimizer, name))
     seconds = time.perf_counter() - started
@@ -96,7 +97,7 @@ def main() -> None:
     real = score(*setup.features(from_uint8(setup.train_images[train_rows.numpy()])),
                  setup.test_features(n, params.eval.seed), params.eval)
     init_ray()
-    published = publish_training_data(PREPARED)
+    published = publish_training_data(PREPARED_DIR)
     rows: dict[str, list[dict]] = {"default": [], "classic DCGAN": []}
     for seed in args.seeds:
         seeded = with_seed(params, seed)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from benchmarks.prepared_setup import PreparedSetup, load_params, train_plain
+from benchmarks.prepared_setup import PreparedSetup, train_plain
 from gancore.training import OptimizerSettings
-from pipelines.config import Distribution, Params
+from pipelines.config import Distribution, Params, load_params
 
 SETUP: PreparedSetup | None = None  # trained once in the parent; forked workers inherit it
 

@@ -30,16 +30,11 @@ from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
 from gancore.metrics.prdc import coverage, density, precision, recall
 from gancore.step import generate_images, requested_labels
+from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
+                                 load_featurenet, load_generator)
 from pipelines.config import EvalParams, load_params_or_exit
 from pipelines.dataset import load_split
-from pipelines.featurenet import load_featurenet
 from pipelines.storage import write_json_atomic
-from pipelines.train import HISTORY_FILE, MODEL_DIR, load_generator
-
-PREPARED = Path("data/prepared")
-METRICS_FILE = Path("results/eval/metrics.json")
-SAMPLES_FILE = Path("results/eval/samples.png")
-CURVES_FILE = Path("results/eval/curves.png")
 
 
 def score(features: np.ndarray, probs: np.ndarray | None, reference: np.ndarray, params: EvalParams) -> dict:
@@ -121,8 +116,8 @@ def main() -> None:
     generator, model_config = load_generator(MODEL_DIR)
     classifier = load_featurenet()
     # N images are drawn from a pool of 10 N per split (the whole split when smaller): memory stays bounded.
-    test_images, test_labels = load_split(PREPARED, "test", limit=10 * params.num_samples)
-    train_images, _ = load_split(PREPARED, "train", limit=10 * params.num_samples)
+    test_images, test_labels = load_split(PREPARED_DIR, "test", limit=10 * params.num_samples)
+    train_images, _ = load_split(PREPARED_DIR, "train", limit=10 * params.num_samples)
     n = min(params.num_samples, len(test_images), len(train_images))
     if n < params.num_samples:
         print(f"[evaluate] only {n} held-out images: metrics use N={n}, not eval.num_samples={params.num_samples}")
@@ -151,7 +146,7 @@ def main() -> None:
                                    for images in (real_test, real_train, fakes))
         metrics["inception_v3"] = {**score(fake_i, None, test_i, params),
                                    "real_vs_real": score(train_i, None, test_i, params)}
-    write_json_atomic(METRICS_FILE, metrics)
+    write_json_atomic(EVAL_METRICS_FILE, metrics)
     save_grid(fakes[: params.grid_size], SAMPLES_FILE)
     plot_curves(HISTORY_FILE, CURVES_FILE)
     conditional = (f" conditional accuracy {generated['conditional_accuracy']['value']:.3f}"
@@ -162,7 +157,7 @@ def main() -> None:
         f" IS {generated['inception_score']['value']:.2f} ({baseline['inception_score']['value']:.2f}),"
         f" precision {generated['precision']['value']:.3f} ({baseline['precision']['value']:.3f}),"
         f" recall {generated['recall']['value']:.3f} ({baseline['recall']['value']:.3f}),{conditional} N={n}"
-        f" -> {METRICS_FILE}, {SAMPLES_FILE}",
+        f" -> {EVAL_METRICS_FILE}, {SAMPLES_FILE}",
         flush=True,
     )
 

@@ -7,7 +7,6 @@ computed in the feature space of a classifier trained on the prepared data.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,13 +15,11 @@ from tqdm import tqdm
 
 from gancore.images import from_uint8
 from gancore.models.classifier import Classifier
+from pipelines.artifacts import FEATURENET_FILE, FEATURENET_METRICS_FILE, PREPARED_DIR, save_featurenet
 from pipelines.config import FeaturenetParams, load_params_or_exit
 from pipelines.dataset import load_split, read_manifest
 from pipelines.storage import write_json_atomic
 
-PREPARED = Path("data/prepared")
-FEATURENET_FILE = Path("models/featurenet.pt")
-METRICS_FILE = Path("results/featurenet/metrics.json")
 FEATURENET_IMAGES = 100_000  # per split: enough for a 10-class feature extractor, and bounded in memory
 
 
@@ -56,34 +53,17 @@ def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> 
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
-def save_featurenet(classifier: Classifier, path: Path, test_accuracy: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    hyper = {key: getattr(classifier, key) for key in ("channels", "image_size", "num_classes", "feature_dim")}
-    torch.save({"state_dict": classifier.state_dict(), "hyper": hyper, "test_accuracy": test_accuracy}, partial)
-    partial.replace(path)
-
-
-def load_featurenet(path: Path = FEATURENET_FILE) -> Classifier:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `dvc repro featurenet` first")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    classifier = Classifier(**saved["hyper"])
-    classifier.load_state_dict(saved["state_dict"])
-    return classifier.eval()
-
-
 def main() -> None:
     params = load_params_or_exit()
-    manifest = read_manifest(PREPARED)
+    manifest = read_manifest(PREPARED_DIR)
     if not manifest["class_names"]:
         sys.exit("featurenet needs labelled data (class sub-folders under data.source); the prepared data has none")
-    train_images, train_labels = load_split(PREPARED, "train", limit=FEATURENET_IMAGES)
-    test_images, test_labels = load_split(PREPARED, "test", limit=FEATURENET_IMAGES)
+    train_images, train_labels = load_split(PREPARED_DIR, "train", limit=FEATURENET_IMAGES)
+    test_images, test_labels = load_split(PREPARED_DIR, "test", limit=FEATURENET_IMAGES)
     classifier = train_featurenet(train_images, train_labels, len(manifest["class_names"]), params.featurenet)
     test_accuracy = accuracy(classifier, test_images, test_labels)
     save_featurenet(classifier, FEATURENET_FILE, test_accuracy)
-    write_json_atomic(METRICS_FILE, {"test_accuracy": test_accuracy, "test_images": int(len(test_labels))})
+    write_json_atomic(FEATURENET_METRICS_FILE, {"test_accuracy": test_accuracy, "test_images": int(len(test_labels))})
     print(f"featurenet: test accuracy {test_accuracy:.4f} on {len(test_labels)} held-out images -> {FEATURENET_FILE}")
 
 

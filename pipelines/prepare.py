@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from pipelines.artifacts import DATA_REPORT_FILE, PREPARED_DIR
 from pipelines.config import ConfigError, DataParams, load_params
 from pipelines.shards import PixelSpill, write_npz
 from pipelines.sources import ImageShape, Sample, read_samples
@@ -41,8 +42,6 @@ from pipelines.storage import (
     write_json_atomic,
 )
 
-PREPARED_DIR = Path("data/prepared")
-REPORT_PATH = Path("reports/data.json")
 CROP = "centre"
 SPLITS = ("train", "test")
 SHARD_WRITERS = 4  # deflate is the slow part of writing; each writer holds one shard in memory
@@ -76,7 +75,7 @@ def split_of(content_sha256: str, split_seed: int, test_fraction: float) -> str:
     return "test" if draw < test_fraction else "train"
 
 
-def prepare(data: DataParams, out_dir: Path = PREPARED_DIR, report_path: Path = REPORT_PATH) -> dict[str, Any]:
+def prepare(data: DataParams, out_dir: Path = PREPARED_DIR, report_path: Path = DATA_REPORT_FILE) -> dict[str, Any]:
     """Run the stage on `data`; return the manifest written to `out_dir/manifest.json`."""
     shape = ImageShape.of(data)
     with atomic_directory(out_dir) as staging:
@@ -264,7 +263,7 @@ def main() -> None:
     print(
         f"prepare: {counts['train']} train + {counts['test']} test images ({size}x{size}x{channels}, "
         f"{len(manifest['class_names'])} classes) from {manifest['source']}; {counts['rejected']} rejected "
-        f"(see {REPORT_PATH}); dataset_hash {manifest['dataset_hash'][:12]}"
+        f"(see {DATA_REPORT_FILE}); dataset_hash {manifest['dataset_hash'][:12]}"
     )
 
 

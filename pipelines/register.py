@@ -20,16 +20,14 @@ from mlflow.models import infer_signature
 
 import gancore
 from gancore.models.sampler import Sampler
+from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
+                                 VERSION_FILE, load_generator)
 from pipelines.config import Params, load_params_or_exit
 from pipelines.dataset import read_manifest
-from pipelines.storage import write_json_atomic
-from pipelines.train import HISTORY_FILE, MODEL_DIR, load_generator
+from pipelines.storage import sha256_file, write_json_atomic
 
-PREPARED = Path("data/prepared")
-METRICS_FILE = Path("results/eval/metrics.json")
-VERSION_FILE = Path("results/register/model_version.json")
-ARTIFACTS = (Path("results/eval/samples.png"), Path("results/eval/curves.png"), METRICS_FILE, HISTORY_FILE,
-             MODEL_DIR / "config.json", PREPARED / "manifest.json")
+ARTIFACTS = (SAMPLES_FILE, CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR / "config.json",
+             PREPARED_DIR / "manifest.json")
 DEFAULT_STORE = Path("mlflow.db")
 CHALLENGER, CHAMPION = "challenger", "champion"
 
@@ -60,10 +58,6 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def lineage(params: Params, manifest: dict, model_config: dict) -> dict[str, str]:
     shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(),
                "optimizer": model_config["optimizer"], "eval": params.eval.model_dump()}
@@ -71,7 +65,7 @@ def lineage(params: Params, manifest: dict, model_config: dict) -> dict[str, str
         "git_commit": git_commit(),
         "dataset_hash": manifest["dataset_hash"],
         "params_hash": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
-        "generator_sha256": file_sha256(MODEL_DIR / "generator_ema.pt"),
+        "generator_sha256": sha256_file(MODEL_DIR / "generator_ema.pt"),
         "ray_run_name": model_config["ray_run_name"],
         "ray_job_id": model_config["ray_job_id"],
         "ray_submission_id": model_config["ray_submission_id"],
@@ -161,8 +155,8 @@ def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torc
 def main() -> None:
     params = load_params_or_exit()
     generator, model_config = load_generator(MODEL_DIR)
-    metrics = json.loads(METRICS_FILE.read_text())
-    tags = lineage(params, read_manifest(PREPARED), model_config)
+    metrics = json.loads(EVAL_METRICS_FILE.read_text())
+    tags = lineage(params, read_manifest(PREPARED_DIR), model_config)
     key = lineage_key(tags)
     name = params.register.model_name
     client = configure_mlflow()

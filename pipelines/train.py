@@ -1,12 +1,14 @@
 """Stage train: Ray Train data-parallel GAN training, checkpointed in Ray storage.
 
-The run name is a hash of everything that shapes the result, so an interrupted
-`dvc repro` that is started again resumes from the stored checkpoints.
+The run name is a hash of everything that shapes the weights (params, data, featurenet and the
+training code), so an interrupted `dvc repro` that is started again resumes from the stored
+checkpoints, and any change to those inputs starts a new run from step 0. A stored run that is
+already past train.steps trains again from step 0 (see worker.restore): its checkpoints are not
+train.steps models, and the same inputs give the same weights at every step.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -15,25 +17,22 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from gancore.models import ModelSpec, build_gan
+from pipelines.artifacts import (BEST_PARAMS_FILE, FEATURENET_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, export_model,
+                                 write_history)
 from pipelines.config import ConfigError, Params, load_params_or_exit
 from pipelines.dataset import read_manifest
 from pipelines.ray_runtime import init_ray, storage
-from pipelines.storage import atomic_directory
+from pipelines.storage import sha256_file
 from pipelines.worker import LoopConfig, gan_train_loop, load_checkpoint, publish_training_data
 
-PREPARED = Path("data/prepared")
-BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
-MODEL_DIR = Path("models/gan")
-HISTORY_FILE = Path("results/train/history.csv")
-HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "images_per_second",
-                  "cpu_cores_busy", "peak_rss_mb", "peak_gpu_memory_mb", "fid", "class_coverage", "diversity",
-                  "class_diversity", "conditional_accuracy")
+REPOSITORY = Path(__file__).resolve().parent.parent
+# The code that decides the weights at a given step: models, losses and the step (gancore), the worker
+# loop and its batch order, and how params become the model spec and the recipe.
+SHAPING_CODE = ("gancore", "pipelines/worker.py", "pipelines/dataset.py", "pipelines/config.py")
 
 
 class TrainingStopped(RuntimeError):
@@ -88,10 +87,26 @@ def tuned_optimizer(params: Params, best_params_file: Path = BEST_PARAMS_FILE) -
 NOT_SHAPING = {"steps", "log_every", "checkpoint_every", "max_failures", "storage_path", "use_tuned", "health"}
 
 
-def run_name(params: Params, optimizer: dict, dataset_hash: str) -> str:
-    """The Ray run's name: a hash of everything that shapes the weights at a given step."""
+def code_digest(root: Path = REPOSITORY) -> str:
+    """sha256 over the SHAPING_CODE sources under `root` (names and contents)."""
+    files = sorted(file for name in SHAPING_CODE
+                   for file in ([root / name] if name.endswith(".py") else (root / name).rglob("*.py")))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(root)}\0".encode() + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def run_inputs(manifest: dict) -> dict[str, str]:
+    """What shapes the weights besides params: the data, featurenet (the health checks read it) and the code."""
+    return {"data": manifest["dataset_hash"], "featurenet": sha256_file(FEATURENET_FILE), "code": code_digest()}
+
+
+def run_name(params: Params, optimizer: dict, inputs: dict[str, str]) -> str:
+    """The Ray run's name: a hash of everything that shapes the weights at a given step (params,
+    optimizer, and `inputs` from run_inputs). Same name, same run: it resumes from its checkpoints."""
     shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude=NOT_SHAPING),
-               "optimizer": optimizer, "data": dataset_hash}
+               "optimizer": optimizer, **inputs}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"train-{digest}"
 
@@ -131,62 +146,23 @@ def completed_state(result) -> dict:
     return state
 
 
-def export_model(state: dict, name: str, out_dir: Path) -> None:
-    """models/gan/: EMA generator (the one to sample from), discriminator, and how to rebuild them."""
-    run = state["config"]
-    config = {
-        "model": run["model"],
-        "recipe": run["step"],
-        "latent_dim": run["model"]["latent_dim"],
-        "num_classes": run["model"]["num_classes"],
-        "steps": state["step"],
-        "ray_run_name": name,
-        "ray_job_id": ray.get_runtime_context().get_job_id(),
-        "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", ""),  # set by `gan submit`
-        "optimizer": {key: run[key] for key in ("lr_g", "lr_d", "beta1", "beta2")},
-    }
-    with atomic_directory(out_dir) as staging:
-        torch.save(state["generator_ema"], staging / "generator_ema.pt")
-        torch.save(state["discriminator"], staging / "discriminator.pt")
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_generator(model_dir: Path = MODEL_DIR) -> tuple[torch.nn.Module, dict]:
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{model_dir} holds no trained model; run `dvc repro train` first")
-    config = json.loads(config_file.read_text())
-    generator, _ = build_gan(ModelSpec(**config["model"]))
-    generator.load_state_dict(torch.load(model_dir / "generator_ema.pt", map_location="cpu", weights_only=True))
-    return generator.eval(), config
-
-
-def write_history(history: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    partial.replace(path)
-
-
 def main() -> None:
     params = load_params_or_exit()
-    manifest = read_manifest(PREPARED)
+    manifest = read_manifest(PREPARED_DIR)
     optimizer = tuned_optimizer(params)
-    name = run_name(params, optimizer, manifest["dataset_hash"])
+    name = run_name(params, optimizer, run_inputs(manifest))
     print(f"[train] {manifest['counts']['train']} images, {params.train.num_workers} workers x batch "
           f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
           f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name}", flush=True)
     init_ray()
-    shards, reference, shape = publish_training_data(PREPARED)
+    shards, reference, shape = publish_training_data(PREPARED_DIR)
     try:
         state = completed_state(fit(params, shards, reference, shape, optimizer, name))
     except (ConfigError, TrainingStopped) as error:
         sys.exit(str(error))
-    export_model(state, name, MODEL_DIR)
-    write_history(state["history"], HISTORY_FILE)
+    export_model(state, {"ray_run_name": name, "ray_job_id": ray.get_runtime_context().get_job_id(),
+                         "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", "")})  # set by `gan submit`
+    write_history(state["history"])
     print(f"[train] done: {state['step']} steps -> {MODEL_DIR}, curves in {HISTORY_FILE}", flush=True)
 
 

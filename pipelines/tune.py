@@ -35,13 +35,11 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from pipelines.artifacts import BEST_PARAMS_FILE, PREPARED_DIR, TRIALS_FILE
 from pipelines.config import ConfigError, Distribution, Params, TuneParams, load_params_or_exit
 from pipelines.ray_runtime import init_ray, storage
 from pipelines.worker import LoopConfig, gan_train_loop, publish_training_data
 
-PREPARED = Path("data/prepared")
-BEST_PARAMS_FILE = Path("results/tune/best_params.yaml")
-TRIALS_FILE = Path("results/tune/trials.csv")
 DRIVERS_CPU, WORKER_CPU = 0.05, 0.95
 METRIC = "fid"  # domain-FID of EMA samples: lower is better
 POINTER_FILE = "train_checkpoint.json"  # a trial's Tune checkpoint: where its Train checkpoint is
@@ -305,7 +303,7 @@ def write_outputs(results: tune.ResultGrid, settings: TuneParams) -> dict:
 def main() -> None:
     params = load_params_or_exit()
     init_ray()
-    shards, reference, shape = publish_training_data(PREPARED)
+    shards, reference, shape = publish_training_data(PREPARED_DIR)
     try:
         results = run_search(params, shards, reference, shape)
     except ConfigError as error:

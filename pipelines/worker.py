@@ -42,9 +42,9 @@ from gancore.models import ModelSpec
 from gancore.models.classifier import Classifier
 from gancore.step import StepSettings, generate_images, requested_labels
 from gancore.training import OptimizerSettings, TrainingState
+from pipelines.artifacts import load_featurenet
 from pipelines.config import Params
 from pipelines.dataset import ShardedBatches, decode_shard, load_split, model_shape, read_manifest, shard_files
-from pipelines.featurenet import load_featurenet
 from pipelines.ray_runtime import put_shards, quiet_worker_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -221,6 +221,14 @@ def restore(state: TrainingState, config: LoopConfig, rank: int) -> Progress | N
     if checkpoint is None:
         return Progress()
     saved = load_checkpoint(checkpoint)
+    if saved["step"] > config.steps:
+        # The run was longer before (e.g. `dvc exp run -S train.steps=500` after 1,500 steps). Its weights
+        # are not a `steps`-step model; batches and noise are functions of (seed, step), so training again
+        # from step 0 gives exactly the model a `steps`-step run gives.
+        if rank == 0:
+            print(f"[train] the run's checkpoint is at step {saved['step']}, past steps={config.steps}:"
+                  " training from step 0", flush=True)
+        return Progress()
     state.load_state_dict(saved)
     # The loaded param groups carry the checkpoint's lr and betas; a PBT exploit goes on with its own.
     state.set_optimizer(config.optimizer())

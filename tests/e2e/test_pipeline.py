@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,16 @@ def copy_repository(destination: Path, params: dict) -> Path:
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, destination / name)
     (destination / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=destination, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
+    commit(destination, "copy")
     return destination
+
+
+def commit(repo: Path, message: str) -> None:
+    """Commit everything git does not ignore: code, dvc.lock, and the metrics, plots and reports."""
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", message],
+                   cwd=repo, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -145,16 +152,67 @@ def test_second_repro_skips_and_params_rerun_only_dependents(pipeline_run):
     assert set(status) == {"evaluate", "register"}, f"only evaluate and register read eval.*, got {sorted(status)}"
 
 
-def test_dvc_push_and_pull_through_the_s3_remote(pipeline_run, tmp_path):
+def test_a_fresh_clone_pulls_and_reproduces_nothing(pipeline_run, tmp_path):
+    """git clone + dvc pull of a committed run: nothing to reproduce, and its metrics are there to read."""
     repo, _ = pipeline_run
+    commit(repo, "pipeline run")
     run(["dvc", "push"], repo)
     assert list_objects("s3://gan-dvc/cache"), "the DVC remote bucket holds the pushed cache"
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    shutil.copy2(repo / "dvc.lock", clone / "dvc.lock")
-    run(["dvc", "pull", "prepare", "train"], clone)
+    run(["dvc", "pull"], clone)
     assert (clone / "data/prepared/manifest.json").read_bytes() == (repo / "data/prepared/manifest.json").read_bytes()
     assert (clone / "models/gan/generator_ema.pt").read_bytes() == (repo / "models/gan/generator_ema.pt").read_bytes()
+    assert json.loads(run(["dvc", "status", "--json"], clone).stdout) == {}, "every stage is up to date"
+    again = run(["dvc", "repro"], clone)
+    assert "Running stage" not in again.stdout + again.stderr
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], clone).stdout)
+    assert "fid" in json.dumps(shown) and "test_accuracy" in json.dumps(shown), "evaluation metrics are listed"
+
+
+def experiment_fids(shown: list[dict]) -> dict[str, float]:
+    """Experiment name (or commit) -> its domain-FID, from `dvc exp show --json`."""
+    fids = {}
+    def visit(entry: dict) -> None:
+        metrics = (entry.get("data") or {}).get("metrics") or {}
+        evaluated = (metrics.get("results/eval/metrics.json") or {}).get("data")
+        if evaluated:
+            fids[entry.get("name") or entry["rev"]] = evaluated["fid"]["value"]
+        for experiment in entry.get("experiments") or []:
+            for revision in experiment.get("revs", []):
+                visit(revision)
+    for entry in shown:
+        visit(entry)
+    return fids
+
+
+def test_experiments_run_queue_and_compare(pipeline_run):
+    """`dvc exp run -S`, a queued sweep, and every experiment's metrics side by side, then diffed."""
+    repo, _ = pipeline_run
+    if subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout:
+        commit(repo, "pipeline run")
+    shorter = run(["dvc", "exp", "run", "-n", "shorter", "-S", "train.steps=16"], repo)
+    assert "training from step 0" in shorter.stdout + shorter.stderr
+    config = json.loads((repo / "models/gan/config.json").read_text())
+    assert config["steps"] == 16, "a 16-step experiment after the 24-step run exports a 16-step model"
+
+    run(["dvc", "exp", "run", "--queue", "-n", "grid9", "-S", "eval.grid_size=9"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "samples32", "-S", "eval.num_samples=32", "-S",
+         "eval.kid_subset_size=16"], repo)
+    run(["dvc", "queue", "start", "-j", "1"], repo)
+    deadline = time.monotonic() + 600
+    while "Queued" in (status := run(["dvc", "queue", "status"], repo).stdout) or "Running" in status:
+        assert time.monotonic() < deadline, f"the queue did not finish:\n{status}"
+        time.sleep(5)
+    assert status.count("Success") == 2, f"both queued experiments succeed:\n{status}"
+
+    fids = experiment_fids(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout))
+    assert {"shorter", "grid9", "samples32"} <= set(fids), f"dvc exp show lists FID for every experiment: {fids}"
+    assert all(math.isfinite(value) for value in fids.values())
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "shorter", "--json"], repo).stdout)
+    assert "fid" in json.dumps(diff["results/eval/metrics.json"]), "the shorter run's FID differs from the baseline's"
+    plots = run(["dvc", "plots", "diff", "HEAD", "shorter", "--json"], repo).stdout
+    assert "results/train/history.csv" in plots and "loss_d" in plots
 
 
 @pytest.fixture

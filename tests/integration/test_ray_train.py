@@ -50,6 +50,25 @@ def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):
     first_steps = {row["step"]: row["loss_d"] for row in state["history"]}
     assert all(first_steps[row["step"]] == row["loss_d"] for row in resumed["history"][:3])
 
+    # Same run name, shorter budget (`dvc exp run -S train.steps=4` after 8): the stored run is past it, so
+    # training starts over and ends at step 4 with the losses the first run had there, a 4-step model.
+    shorter = parse_params(tiny_params(train={**raw["train"], "steps": 4}))
+    restarted = completed_state(toy_fit(shorter, "resume-test"))
+    assert restarted["step"] == 4 and restarted["restores"] == [], "not restored from the step-8 checkpoint"
+    assert [(row["step"], row["loss_d"]) for row in restarted["history"]] == [(2, first_steps[2]), (4, first_steps[4])]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_same_inputs_give_bit_identical_weights(ray_local, tmp_path, workers):
+    """Two runs of the same params under different run names (so the second cannot resume the first)."""
+    params = parse_params(tiny_params(train={"num_workers": workers, "steps": 8, "log_every": 4,
+                                             "checkpoint_every": 8, "storage_path": str(tmp_path)}))
+    first, second = (completed_state(toy_fit(params, f"bits-{workers}-{run}")) for run in "ab")
+    assert first["history"][-1]["loss_d"] == second["history"][-1]["loss_d"]
+    for model in ("generator", "discriminator", "generator_ema"):
+        differ = [name for name, tensor in first[model].items() if not torch.equal(tensor, second[model][name])]
+        assert not differ, f"{workers} worker(s): the {model}'s {differ} differ between identical runs"
+
 
 def test_mode_collapse_stops_every_worker_and_nothing_is_exported(ray_local, tmp_path):
     """A coverage floor no generator can meet: both workers stop at the first check, the run is refused."""

@@ -1,11 +1,13 @@
 """Which optimizer settings train uses, and how a Ray run is named (resume identity)."""
 
+import shutil
+
 import pytest
 import yaml
 
 from conftest import tiny_params
 from pipelines.config import parse_params
-from pipelines.train import run_name, tuned_optimizer
+from pipelines.train import REPOSITORY, SHAPING_CODE, code_digest, run_name, tuned_optimizer
 
 
 def test_tuned_values_replace_searched_keys_only(tmp_path):
@@ -28,13 +30,45 @@ def test_missing_tune_output_is_a_clear_error(tmp_path):
         tuned_optimizer(parse_params(tiny_params()), tmp_path / "absent.yaml")
 
 
+INPUTS = {"data": "data-a", "featurenet": "featurenet-a", "code": "code-a"}
+
+
 def test_run_name_changes_with_anything_that_shapes_the_model():
     params = parse_params(tiny_params())
     optimizer = params.train.optimizer()
-    name = run_name(params, optimizer, "data-a")
-    assert name == run_name(params, dict(optimizer), "data-a"), "same inputs resume the same run"
-    assert name != run_name(params, optimizer, "data-b")
-    assert name != run_name(params, {**optimizer, "lr_g": 0.001}, "data-a")
-    assert name != run_name(parse_params(tiny_params(train={"batch_size": 8})), optimizer, "data-a")
+    name = run_name(params, optimizer, INPUTS)
+    assert name == run_name(params, dict(optimizer), dict(INPUTS)), "same inputs resume the same run"
+    for key in INPUTS:
+        assert name != run_name(params, optimizer, {**INPUTS, key: "changed"}), f"a new {key} starts a new run"
+    assert name != run_name(params, {**optimizer, "lr_g": 0.001}, INPUTS)
+    assert name != run_name(parse_params(tiny_params(train={"batch_size": 8})), optimizer, INPUTS)
     longer = parse_params(tiny_params(train={"steps": 99, "log_every": 3}))
-    assert name == run_name(longer, optimizer, "data-a"), "a longer budget continues the same run"
+    assert name == run_name(longer, optimizer, INPUTS), "a longer budget continues the same run"
+
+
+@pytest.fixture
+def code_copy(tmp_path):
+    """The SHAPING_CODE sources and the README, copied under tmp_path."""
+    for name in (*SHAPING_CODE, "README.md"):
+        source, target = REPOSITORY / name, tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    return tmp_path
+
+
+def test_a_change_to_the_training_code_starts_a_new_run(code_copy):
+    original = code_digest(code_copy)
+    assert original == code_digest(REPOSITORY), "the digest reads the sources, not where they live"
+    (code_copy / "README.md").write_text("edited\n")
+    assert code_digest(code_copy) == original, "a README edit resumes the same run"
+    step = code_copy / "gancore/step.py"
+    step.write_text(step.read_text() + "\n# a change\n")
+    assert code_digest(code_copy) != original, "a change to gancore/step.py trains from step 0"
+    step.write_text(step.read_text().removesuffix("\n# a change\n"))
+    assert code_digest(code_copy) == original
+    worker = code_copy / "pipelines/worker.py"
+    worker.write_text(worker.read_text() + "\n")
+    assert code_digest(code_copy) != original, "so does a change to the worker loop"
