@@ -211,8 +211,10 @@ def test_experiments_run_queue_and_compare(pipeline_run):
     assert all(math.isfinite(value) for value in fids.values())
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "shorter", "--json"], repo).stdout)
     assert "fid" in json.dumps(diff["results/eval/metrics.json"]), "the shorter run's FID differs from the baseline's"
-    plots = run(["dvc", "plots", "diff", "HEAD", "shorter", "--json"], repo).stdout
-    assert "results/train/history.csv" in plots and "loss_d" in plots
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD", "shorter", "--json"], repo).stdout)["data"]
+    losses = plots["losses"][0]
+    assert losses["revisions"] == ["HEAD", "shorter"] and "loss_d" in json.dumps(losses["content"]), \
+        "one loss plot draws both runs"
 
 
 @pytest.fixture
