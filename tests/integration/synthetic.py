@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 import yaml
+from conftest import REPO
 from PIL import Image
 
 from pipelines.config import DataParams
 from pipelines.storage import s3_client
 
-REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+REPO_PARAMS = REPO / "params.yaml"
 
 
 def data_params(source: str, **overrides: Any) -> DataParams:

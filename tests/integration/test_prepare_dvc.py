@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import SECRET_ACCESS_KEY
+from conftest import REPO, SECRET_ACCESS_KEY
 from synthetic import REPO_PARAMS, encode, noise, upload
 
 from pipelines.stack import ensure_bucket
 
-REPO = REPO_PARAMS.parent
 SOURCE = "s3://gan-test-data/dvc-source"
 REMOTE = "s3://gan-dvc/prepare-test"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fault_proxy import FaultProxy
+from conftest import REPO
 from synthetic import REPO_PARAMS, data_params, encode, noise, npz, tar_shard, upload
 
 from pipelines.dataset import load_split, read_manifest
@@ -20,7 +21,6 @@ from pipelines.prepare import prepare
 from pipelines.stack import ensure_bucket
 from pipelines.storage import s3_client
 
-REPO = REPO_PARAMS.parent
 SOURCE = "s3://gan-test-data/flaky"
 
 

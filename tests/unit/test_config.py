@@ -3,14 +3,13 @@
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from pipelines.config import ConfigError, load_params, parse_params
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 

@@ -22,10 +22,6 @@ def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., size + dy : 2 * size + dy, size + dx : 2 * size + dx]
 
 
-def test_policy_names():
-    assert POLICIES == ("color", "translation", "cutout")
-
-
 @pytest.mark.parametrize("policy", [(), []])
 def test_empty_policy_is_identity(policy):
     images = _images(4, 3, 8)

@@ -21,10 +21,6 @@ def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 
 
-def test_loss_names():
-    assert LOSSES == ("non_saturating", "minimax", "hinge", "wasserstein", "least_squares")
-
-
 @pytest.mark.parametrize(
     "kind, expected",
     [

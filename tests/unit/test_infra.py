@@ -3,17 +3,16 @@
 import copy
 import inspect
 import re
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
+from conftest import REPO
 
 from pipelines import cli
 
-REPO = Path(__file__).resolve().parents[2]
 CLUSTER_FILE = REPO / "infra" / "ray" / "cluster.yaml"
 RAYJOB_FILE = REPO / "infra" / "k8s" / "rayjob.yaml"
 
