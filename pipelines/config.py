@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gancore.augment import POLICIES
 from gancore.losses import LOSSES, SMOOTHABLE
+from gancore.metrics.registry import SET_METRICS, MetricSettings
 from gancore.models import FAMILIES, ModelSpec
 from gancore.step import StepSettings
 
@@ -275,11 +277,22 @@ class EvalParams(Section):
                              "(inception-2015-12-05.pt, as used by clean-fid and StyleGAN3) or null")
         return value
 
+    def metric_settings(self) -> MetricSettings:
+        """The eval.* keys the metric registry reads, under the same names."""
+        return MetricSettings(**{field.name: getattr(self, field.name) for field in fields(MetricSettings)})
+
 
 class RegisterParams(Section):
     model_name: Annotated[str, Field(min_length=1)]
     experiment: Annotated[str, Field(min_length=1)]
-    gate_metric: Literal["fid", "kid"]
+    gate_metric: str
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _registered_metric(cls, value: str) -> str:
+        if value not in SET_METRICS:
+            raise ValueError(f"not a metric; choose one of {', '.join(SET_METRICS)}")
+        return value
 
 
 with warnings.catch_warnings():

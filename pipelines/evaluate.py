@@ -21,14 +21,8 @@ import torch
 from PIL import Image
 
 from gancore.images import from_uint8, make_grid
-from gancore.metrics.bootstrap import bootstrap_interval, one_sample_bootstrap_interval
-from gancore.metrics.conditional import conditional_accuracy
-from gancore.metrics.features import extract
-from gancore.metrics.fid import fid
-from gancore.metrics.inception import inception_features
-from gancore.metrics.inception_score import inception_score
-from gancore.metrics.kid import kid
-from gancore.metrics.prdc import coverage, density, precision, recall
+from gancore.metrics import (conditional_accuracy, extract, inception_features, inception_score,
+                             measure_all, metric_entry, one_sample_bootstrap_interval)
 from gancore.step import generate_images, requested_labels
 from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
                                  load_featurenet, load_generator)
@@ -38,42 +32,14 @@ from pipelines.storage import write_json_atomic
 
 
 def score(features: np.ndarray, probs: np.ndarray | None, reference: np.ndarray, params: EvalParams) -> dict:
-    """Metrics of a sample set against the real reference set, each with N and a 95% bootstrap interval.
-
-    FID and KID (lower is better), Inception Score from class probabilities when given, and
-    precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al. 2020).
-    """
-    n = len(features)
-
-    def kid_mean(a, b):
-        return kid(a, b, num_subsets=params.kid_subsets, subset_size=params.kid_subset_size, seed=params.seed)[0]
-
-    # PRDC take (real, fake); the bootstrap passes (samples, reference).
-    manifold_metrics = {
-        "precision": lambda a, b: precision(b, a, k=params.precision_recall_k),
-        "recall": lambda a, b: recall(b, a, k=params.precision_recall_k),
-        "density": lambda a, b: density(b, a, k=params.density_coverage_k),
-        "coverage": lambda a, b: coverage(b, a, k=params.density_coverage_k),
-    }
-
-    def with_interval(metric, bounds=(-np.inf, np.inf)) -> dict:
-        interval = bootstrap_interval(metric, features, reference, num_resamples=params.bootstrap_resamples,
-                                      seed=params.seed)
-        return metric_entry(metric(features, reference), interval, n, bounds)
-
-    result = {"fid": with_interval(fid), "kid": with_interval(kid_mean)}
+    """Every registry metric of a sample set against the real reference set, each with N and a 95% bootstrap
+    interval, plus the Inception Score (over splits) from class probabilities when given."""
+    result = measure_all(features, reference, params.metric_settings())
     if probs is not None:
         is_mean, is_std = inception_score(probs, splits=params.is_splits)
-        result["inception_score"] = {"value": is_mean, "std_over_splits": is_std, "splits": params.is_splits, "n": n}
-    for name, metric in manifold_metrics.items():
-        # Precision, recall and coverage are fractions; density may exceed 1.
-        result[name] = with_interval(metric, (0.0, np.inf if name == "density" else 1.0))
+        result["inception_score"] = {"value": is_mean, "std_over_splits": is_std, "splits": params.is_splits,
+                                     "n": len(features)}
     return result
-
-
-def metric_entry(value: float, interval: tuple[float, float], n: int, bounds=(-np.inf, np.inf)) -> dict:
-    """One metric in metrics.json: its value, N, and its 95% interval clipped to the metric's range."""
-    return {"value": value, "ci95_low": max(interval[0], bounds[0]), "ci95_high": min(interval[1], bounds[1]), "n": n}
 
 
 def accuracy_score(probs: np.ndarray, labels: np.ndarray, params: EvalParams) -> dict:

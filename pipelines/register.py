@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import gancore
+from gancore.metrics import SET_METRICS
 from gancore.models.sampler import Sampler
 from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
                                  VERSION_FILE, load_generator)
@@ -87,7 +88,7 @@ def gate_value(client: MlflowClient, name: str, version: str, metric: str) -> fl
 
 def promote(client: MlflowClient, name: str, version: str, metric: str, alias: str = CHAMPION,
             force: bool = False) -> tuple[bool, str]:
-    """Point `alias` at `version` when its metric beats the current holder's (lower is better)."""
+    """Point `alias` at `version` when its metric beats the current holder's (in the registry's direction)."""
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -97,7 +98,7 @@ def promote(client: MlflowClient, name: str, version: str, metric: str, alias: s
     candidate = gate_value(client, name, version, metric)
     if current is not None and not force:
         holder = gate_value(client, name, current.version, metric)
-        if candidate >= holder:
+        if not SET_METRICS[metric].better(candidate, holder):
             return False, (f"version {version} ({metric} {candidate:.4f}) does not beat {alias} version"
                            f" {current.version} ({metric} {holder:.4f}); {alias} unchanged (use --force to override)")
     client.set_registered_model_alias(name, alias, str(version))

@@ -1,6 +1,6 @@
 """Sample-quality metrics, computed as pure functions of feature arrays."""
 
-from gancore.metrics.bootstrap import bootstrap_interval, one_sample_bootstrap_interval
+from gancore.metrics.bootstrap import bootstrap_interval, estimate_with_interval, one_sample_bootstrap_interval
 from gancore.metrics.conditional import conditional_accuracy
 from gancore.metrics.features import extract
 from gancore.metrics.fid import fid, frechet_distance, gaussian_statistics
@@ -8,14 +8,19 @@ from gancore.metrics.inception import InceptionFeatures, inception_features
 from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
 from gancore.metrics.prdc import coverage, density, density_coverage, precision, precision_recall, recall
+from gancore.metrics.registry import SET_METRICS, MetricSettings, SetMetric, measure, measure_all, metric_entry
 
 __all__ = [
+    "SET_METRICS",
     "InceptionFeatures",
+    "MetricSettings",
+    "SetMetric",
     "bootstrap_interval",
     "conditional_accuracy",
     "coverage",
     "density",
     "density_coverage",
+    "estimate_with_interval",
     "extract",
     "fid",
     "frechet_distance",
@@ -23,6 +28,9 @@ __all__ = [
     "inception_features",
     "inception_score",
     "kid",
+    "measure",
+    "measure_all",
+    "metric_entry",
     "one_sample_bootstrap_interval",
     "precision",
     "precision_recall",

@@ -5,15 +5,15 @@ from typing import Callable
 import numpy as np
 
 
-def bootstrap_interval(
+def estimate_with_interval(
     metric: Callable[[np.ndarray, np.ndarray], float],
     features_a: np.ndarray,
     features_b: np.ndarray,
     num_resamples: int = 100,
     confidence: float = 0.95,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Bias-corrected percentile interval of `metric` over resamples of both sets (with replacement).
+) -> tuple[float, float, float]:
+    """`metric(a, b)` and its bias-corrected percentile interval over resamples of both sets (with replacement).
 
     Resampling duplicates points, which inflates distances such as FID; the percentiles are
     shifted by that bootstrap bias (mean of resamples minus the full-sample value) so the
@@ -26,7 +26,20 @@ def bootstrap_interval(
         metric(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
         for _ in range(num_resamples)
     ]
-    return _bias_corrected_percentiles(values, metric(a, b), confidence)
+    estimate = metric(a, b)
+    return (estimate, *_bias_corrected_percentiles(values, estimate, confidence))
+
+
+def bootstrap_interval(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    num_resamples: int = 100,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The interval of estimate_with_interval alone."""
+    return estimate_with_interval(metric, features_a, features_b, num_resamples, confidence, seed)[1:]
 
 
 def one_sample_bootstrap_interval(

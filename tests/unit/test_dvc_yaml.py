@@ -71,6 +71,8 @@ def section_fields(section: str, key: str) -> set[str]:
     read = set(re.findall(r"self\.(\w+)", source))
     for class_name in re.findall(r"(\w+)\.model_fields", source):  # e.g. {k: getattr(self, k) for k in X.model_fields}
         read |= set(getattr(config, class_name).model_fields)
+    if "getattr(self" in source and not read & set(section_class.model_fields):
+        return {section}  # fields chosen at run time: count the whole section
     return {f"{section}.{name}" for name in read if name in section_class.model_fields}
 
 

@@ -7,6 +7,8 @@ from torchmetrics.image.fid import _compute_fid
 from torchmetrics.image.kid import poly_mmd
 
 from gancore.metrics import (
+    SET_METRICS,
+    MetricSettings,
     bootstrap_interval,
     conditional_accuracy,
     extract,
@@ -15,6 +17,8 @@ from gancore.metrics import (
     gaussian_statistics,
     inception_score,
     kid,
+    measure,
+    measure_all,
     one_sample_bootstrap_interval,
 )
 from gancore.models.classifier import Classifier
@@ -217,3 +221,34 @@ def test_one_sample_bootstrap_interval_of_an_accuracy():
     assert paired == pytest.approx((low, high))
     with pytest.raises(ValueError):
         one_sample_bootstrap_interval(np.mean, hits, num_resamples=0)
+
+
+SETTINGS = MetricSettings(kid_subsets=5, kid_subset_size=50, precision_recall_k=3, density_coverage_k=5,
+                          bootstrap_resamples=20, seed=0)
+
+
+def test_registry_metrics_take_samples_then_reference():
+    """Samples from one half of the reference's spread: every sample is realistic (precision 1), but
+    half of the reference is never reached (recall well below 1). Swapped arguments would say the opposite."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(400, 2))
+    samples = reference[reference[:, 0] > 0][:150] + 0.01 * rng.normal(size=(150, 2))
+    scores = measure_all(samples, reference, SETTINGS)
+    assert scores["precision"]["value"] > 0.95 and scores["recall"]["value"] < 0.7
+    assert scores["coverage"]["value"] < 0.7
+    assert set(scores) == set(SET_METRICS)
+
+
+def test_measure_gives_the_value_with_its_interval_in_range():
+    rng = np.random.default_rng(1)
+    samples, reference = rng.normal(size=(200, 4)), rng.normal(0.5, 1.0, size=(200, 4))
+    entry = measure("fid", samples, reference, SETTINGS)
+    assert entry["value"] == pytest.approx(fid(samples, reference)) and entry["n"] == 200
+    assert entry["ci95_low"] <= entry["value"] <= entry["ci95_high"]
+    recall_entry = measure("recall", samples, reference, SETTINGS)
+    assert 0.0 <= recall_entry["ci95_low"] <= recall_entry["ci95_high"] <= 1.0, "fractions are clipped to [0, 1]"
+
+
+def test_registry_directions_decide_what_beats_what():
+    assert SET_METRICS["fid"].better(2.0, 3.0) and not SET_METRICS["fid"].better(3.0, 2.0)
+    assert SET_METRICS["precision"].better(0.9, 0.8) and not SET_METRICS["precision"].better(0.8, 0.8)
