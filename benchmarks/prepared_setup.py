@@ -19,7 +19,7 @@ from gancore.metrics import extract, fid
 from gancore.models.classifier import Classifier
 from gancore.step import generate_images
 from gancore.training import OptimizerSettings, TrainingState
-from pipelines.artifacts import FEATURENET_FILE, PREPARED_DIR, load_featurenet
+from pipelines.artifacts import FEATURENET_FILE, PREPARED_DIR, ArtifactError, load_featurenet
 from pipelines.config import Params
 from pipelines.dataset import DatasetError, load_split, model_shape, read_manifest
 from pipelines.worker import EVAL_SEED, REFERENCE_IMAGES, step_noise_seed
@@ -42,7 +42,7 @@ class PreparedSetup:
             test_images, _ = load_split(PREPARED_DIR, "test", limit=REFERENCE_IMAGES)
             shape = model_shape(read_manifest(PREPARED_DIR))
             classifier = load_featurenet()
-        except (DatasetError, FileNotFoundError) as error:
+        except (ArtifactError, DatasetError) as error:
             sys.exit(f"{error}\nThe benchmarks score in the pipeline's own data and feature space: "
                      f"run `dvc repro featurenet` first ({PREPARED_DIR}, {FEATURENET_FILE}).")
         return cls(train_images, train_labels, test_images, shape, classifier)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -30,6 +31,21 @@ SAMPLES_FILE = Path("results/eval/samples.png")  # evaluate
 CURVES_FILE = Path("results/eval/curves.png")  # evaluate
 VERSION_FILE = Path("results/register/model_version.json")  # register
 
+class ArtifactError(RuntimeError):
+    """A stage input that is missing or that does not hold what it should."""
+
+
+def load_tensors(path: Path, what: str):
+    """torch.load of tensors and plain containers only (weights_only): a file from shared storage (an S3
+    prefix, the DVC remote) that holds any other object is refused, never unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ArtifactError(f"{path} ({what}) holds objects other than tensors and plain containers, so it is not"
+                            f" loaded (unpickling could run code). Delete it and rebuild it with this version."
+                            f" ({str(error).strip().splitlines()[0]})") from None
+
+
 HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "images_per_second",
                   "cpu_cores_busy", "peak_rss_mb", "peak_gpu_memory_mb", "fid", "class_coverage", "diversity",
                   "class_diversity", "conditional_accuracy")
@@ -47,8 +63,8 @@ def save_featurenet(classifier: Classifier, path: Path, test_accuracy: float) ->
 def load_featurenet(path: Path = FEATURENET_FILE) -> Classifier:
     """The metric space: the featurenet stage's classifier, in eval mode."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `dvc repro featurenet` first")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+        raise ArtifactError(f"{path} is missing; run `dvc repro featurenet` first")
+    saved = load_tensors(path, "featurenet")
     classifier = Classifier(**saved["hyper"])
     classifier.load_state_dict(saved["state_dict"])
     return classifier.eval()
@@ -78,10 +94,10 @@ def load_generator(model_dir: Path = MODEL_DIR) -> tuple[torch.nn.Module, dict]:
     """The exported EMA generator in eval mode, and its config.json."""
     config_file = model_dir / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{model_dir} holds no trained model; run `dvc repro train` first")
+        raise ArtifactError(f"{model_dir} holds no trained model; run `dvc repro train` first")
     config = json.loads(config_file.read_text())
     generator, _ = build_gan(ModelSpec(**config["model"]))
-    generator.load_state_dict(torch.load(model_dir / "generator_ema.pt", map_location="cpu", weights_only=True))
+    generator.load_state_dict(load_tensors(model_dir / "generator_ema.pt", "generator weights"))
     return generator.eval(), config
 
 

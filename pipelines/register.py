@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -22,7 +23,7 @@ import gancore
 from gancore.metrics import SET_METRICS
 from gancore.models.sampler import Sampler
 from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
-                                 VERSION_FILE, load_generator)
+                                 VERSION_FILE, ArtifactError, load_generator)
 from pipelines.config import Params, load_params_or_exit
 from pipelines.dataset import read_manifest
 from pipelines.storage import sha256_file, write_json_atomic
@@ -155,7 +156,10 @@ def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torc
 
 def main() -> None:
     params = load_params_or_exit()
-    generator, model_config = load_generator(MODEL_DIR)
+    try:
+        generator, model_config = load_generator(MODEL_DIR)
+    except ArtifactError as error:
+        sys.exit(str(error))
     metrics = json.loads(EVAL_METRICS_FILE.read_text())
     tags = lineage(params, read_manifest(PREPARED_DIR), model_config)
     key = lineage_key(tags)

@@ -205,9 +205,13 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")  # serialise first: a bad object leaves no temp file
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2) + "\n"  # serialise first: an unserialisable object leaves no temp file
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as stream:
         stream.write(text)
     os.chmod(stream.name, 0o644)  # NamedTemporaryFile creates 0600

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import ray
 import yaml
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
-from pipelines.artifacts import (BEST_PARAMS_FILE, FEATURENET_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, export_model,
-                                 write_history)
+from pipelines.artifacts import (BEST_PARAMS_FILE, FEATURENET_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, ArtifactError,
+                                 export_model, write_history)
 from pipelines.config import ConfigError, Params, load_params_or_exit
-from pipelines.dataset import read_manifest
+from pipelines.dataset import DatasetError, read_manifest
 from pipelines.ray_runtime import init_ray, storage
 from pipelines.storage import sha256_file
 from pipelines.worker import LoopConfig, gan_train_loop, load_checkpoint, publish_training_data
@@ -76,9 +76,13 @@ def tuned_optimizer(params: Params, best_params_file: Path = BEST_PARAMS_FILE) -
     settings = params.train.optimizer()
     if params.train.use_tuned:
         if not best_params_file.is_file():
-            raise FileNotFoundError(f"{best_params_file} is missing: run `dvc repro tune`, or set"
+            raise ConfigError(f"{best_params_file} is missing: run `dvc repro tune`, or set"
                                     " train.use_tuned: false to train with train.lr_g/lr_d/beta1/beta2 as given")
-        settings.update(yaml.safe_load(best_params_file.read_text()) or {})
+        tuned = yaml.safe_load(best_params_file.read_text())
+        if not isinstance(tuned, dict) or not tuned or set(tuned) - set(settings):
+            raise ConfigError(f"{best_params_file} does not hold tuned optimizer settings ({sorted(settings)}):"
+                              " run `dvc repro -f tune`, or set train.use_tuned: false")
+        settings.update(tuned)
     return settings
 
 
@@ -135,10 +139,16 @@ def fit(params: Params, shards, reference_ref, shape: dict, optimizer: dict, nam
     return trainer.fit()
 
 
+def worker_errors(error: TrainingFailedError) -> str:
+    """The workers' own errors, one line each, instead of Ray's wrapper and tracebacks."""
+    failures = getattr(error, "worker_failures", None) or {}
+    lines = [f"worker {rank}: {str(failure).strip().splitlines()[-1]}" for rank, failure in sorted(failures.items())]
+    return "; ".join(lines) or str(error).strip().splitlines()[-1]
+
+
 def completed_state(result) -> dict:
-    """The final checkpoint of a run that finished healthy; TrainingStopped with the reason otherwise."""
-    if result.error is not None:
-        raise TrainingStopped(f"training failed: {result.error}")
+    """The final checkpoint of a run that finished (fit() raises TrainingFailedError for one that did not) and
+    stayed healthy; TrainingStopped with the reason otherwise."""
     state = load_checkpoint(result.checkpoint)
     if state.get("health_error"):
         raise TrainingStopped(f"training stopped as unhealthy, so no model is exported or registered:\n"
@@ -146,8 +156,8 @@ def completed_state(result) -> dict:
     return state
 
 
-def main() -> None:
-    params = load_params_or_exit()
+def train(params: Params) -> tuple[dict, str]:
+    """The finished run's final checkpoint and its Ray run name."""
     manifest = read_manifest(PREPARED_DIR)
     optimizer = tuned_optimizer(params)
     name = run_name(params, optimizer, run_inputs(manifest))
@@ -155,10 +165,16 @@ def main() -> None:
           f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
           f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name}", flush=True)
     init_ray()
-    shards, reference, shape = publish_training_data(PREPARED_DIR)
+    return completed_state(fit(params, *publish_training_data(PREPARED_DIR), optimizer, name)), name
+
+
+def main() -> None:
+    params = load_params_or_exit()
     try:
-        state = completed_state(fit(params, shards, reference, shape, optimizer, name))
-    except (ConfigError, TrainingStopped) as error:
+        state, name = train(params)
+    except TrainingFailedError as error:
+        sys.exit(f"[train] training failed: {worker_errors(error)}")
+    except (ArtifactError, ConfigError, DatasetError, TrainingStopped) as error:
         sys.exit(str(error))
     export_model(state, {"ray_run_name": name, "ray_job_id": ray.get_runtime_context().get_job_id(),
                          "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", "")})  # set by `gan submit`

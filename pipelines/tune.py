@@ -35,9 +35,10 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from pipelines.artifacts import BEST_PARAMS_FILE, PREPARED_DIR, TRIALS_FILE
+from pipelines.artifacts import BEST_PARAMS_FILE, ArtifactError, PREPARED_DIR, TRIALS_FILE
 from pipelines.config import ConfigError, Distribution, Params, TuneParams, load_params_or_exit
 from pipelines.ray_runtime import init_ray, storage
+from pipelines.storage import write_text_atomic
 from pipelines.worker import LoopConfig, gan_train_loop, publish_training_data
 
 DRIVERS_CPU, WORKER_CPU = 0.05, 0.95
@@ -296,17 +297,16 @@ def write_outputs(results: tune.ResultGrid, settings: TuneParams) -> dict:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    BEST_PARAMS_FILE.write_text(yaml.safe_dump(best_params, sort_keys=True))
+    write_text_atomic(BEST_PARAMS_FILE, yaml.safe_dump(best_params, sort_keys=True))
     return best | {"best_params": best_params}
 
 
 def main() -> None:
     params = load_params_or_exit()
     init_ray()
-    shards, reference, shape = publish_training_data(PREPARED_DIR)
     try:
-        results = run_search(params, shards, reference, shape)
-    except ConfigError as error:
+        results = run_search(params, *publish_training_data(PREPARED_DIR))
+    except (ConfigError, ArtifactError) as error:
         sys.exit(str(error))
     best = write_outputs(results, params.tune)
     print(f"[tune] {params.tune.search}: {len(results)} trials; best domain-FID {best['fid']:.2f} at step "

@@ -42,7 +42,7 @@ from gancore.models import ModelSpec
 from gancore.models.classifier import Classifier
 from gancore.step import StepSettings, generate_images, requested_labels
 from gancore.training import OptimizerSettings, TrainingState
-from pipelines.artifacts import load_featurenet
+from pipelines.artifacts import load_featurenet, load_tensors
 from pipelines.config import Params
 from pipelines.dataset import ShardedBatches, decode_shard, load_split, model_shape, read_manifest, shard_files
 from pipelines.ray_runtime import put_shards, quiet_worker_logs
@@ -202,7 +202,7 @@ def save_checkpoint(directory: Path, state: dict) -> ray.train.Checkpoint:
 
 def load_checkpoint(checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        return load_tensors(Path(directory) / CHECKPOINT_FILE, "training checkpoint")
 
 
 @dataclass

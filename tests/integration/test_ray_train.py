@@ -114,7 +114,7 @@ def latest_checkpoint_step(run_dir: Path) -> int:
     steps = [0]
     for path in run_dir.glob("checkpoint_*/checkpoint.pt"):
         try:
-            steps.append(torch.load(path, map_location="cpu", weights_only=False)["step"])
+            steps.append(torch.load(path, map_location="cpu", weights_only=True)["step"])
         except Exception:  # noqa: BLE001 - a checkpoint mid-copy; the next poll sees it whole
             continue
     return max(steps)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import tiny_params
-from pipelines.config import parse_params
+from pipelines.config import ConfigError, parse_params
 from pipelines.train import REPOSITORY, SHAPING_CODE, code_digest, run_name, tuned_optimizer
 
 
@@ -26,7 +26,7 @@ def test_use_tuned_false_pins_train_params(tmp_path):
 
 
 def test_missing_tune_output_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="use_tuned: false"):
+    with pytest.raises(ConfigError, match="use_tuned: false"):
         tuned_optimizer(parse_params(tiny_params()), tmp_path / "absent.yaml")
 
 
