@@ -21,8 +21,8 @@ import yaml
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
-from pipelines.artifacts import (BEST_PARAMS_FILE, FEATURENET_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, ArtifactError,
-                                 export_model, write_history)
+from pipelines.artifacts import (BEST_PARAMS_FILE, FEATURENET_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR,
+                                 ArtifactError, export_model, write_history)
 from pipelines.config import ConfigError, Params, load_params_or_exit
 from pipelines.dataset import DatasetError, read_manifest
 from pipelines.ray_runtime import init_ray, storage

@@ -1,6 +1,6 @@
 """Sample-quality metrics, computed as pure functions of feature arrays."""
 
-from gancore.metrics.bootstrap import bootstrap_interval, estimate_with_interval, one_sample_bootstrap_interval
+from gancore.metrics.bootstrap import estimate_with_interval, one_sample_bootstrap_interval
 from gancore.metrics.conditional import conditional_accuracy
 from gancore.metrics.features import extract
 from gancore.metrics.fid import fid, frechet_distance, gaussian_statistics
@@ -15,7 +15,6 @@ __all__ = [
     "InceptionFeatures",
     "MetricSettings",
     "SetMetric",
-    "bootstrap_interval",
     "conditional_accuracy",
     "coverage",
     "density",

@@ -30,18 +30,6 @@ def estimate_with_interval(
     return (estimate, *_bias_corrected_percentiles(values, estimate, confidence))
 
 
-def bootstrap_interval(
-    metric: Callable[[np.ndarray, np.ndarray], float],
-    features_a: np.ndarray,
-    features_b: np.ndarray,
-    num_resamples: int = 100,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """The interval of estimate_with_interval alone."""
-    return estimate_with_interval(metric, features_a, features_b, num_resamples, confidence, seed)[1:]
-
-
 def one_sample_bootstrap_interval(
     metric: Callable[[np.ndarray], float],
     samples: np.ndarray,

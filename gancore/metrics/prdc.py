@@ -107,20 +107,20 @@ def density_coverage(
 
 
 def precision(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3) -> float:
-    """Precision of `precision_recall`, as one number for `bootstrap_interval`."""
+    """Precision of `precision_recall`, as one number for `estimate_with_interval`."""
     return precision_recall(real_features, fake_features, k)[0]
 
 
 def recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3) -> float:
-    """Recall of `precision_recall`, as one number for `bootstrap_interval`."""
+    """Recall of `precision_recall`, as one number for `estimate_with_interval`."""
     return precision_recall(real_features, fake_features, k)[1]
 
 
 def density(real_features: np.ndarray, fake_features: np.ndarray, k: int = 5) -> float:
-    """Density of `density_coverage`, as one number for `bootstrap_interval`."""
+    """Density of `density_coverage`, as one number for `estimate_with_interval`."""
     return density_coverage(real_features, fake_features, k)[0]
 
 
 def coverage(real_features: np.ndarray, fake_features: np.ndarray, k: int = 5) -> float:
-    """Coverage of `density_coverage`, as one number for `bootstrap_interval`."""
+    """Coverage of `density_coverage`, as one number for `estimate_with_interval`."""
     return density_coverage(real_features, fake_features, k)[1]

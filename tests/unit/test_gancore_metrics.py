@@ -7,9 +7,9 @@ from torchmetrics.image.fid import _compute_fid
 from torchmetrics.image.kid import poly_mmd
 
 from gancore.metrics import (
+    estimate_with_interval,
     SET_METRICS,
     MetricSettings,
-    bootstrap_interval,
     conditional_accuracy,
     extract,
     fid,
@@ -143,21 +143,22 @@ def test_inception_score_rejects_logits_and_bad_splits():
 def test_bootstrap_interval_contains_point_estimate():
     a, b = _normal(1000, 2, 14), _normal(1000, 2, 15, mean=np.array([1.0, 0.0]))
     point = fid(a, b)
-    low, high = bootstrap_interval(fid, a, b, num_resamples=100, seed=0)
+    _, low, high = estimate_with_interval(fid, a, b, num_resamples=100, seed=0)
     assert low < point < high
     assert high - low < 1.0
-    assert bootstrap_interval(fid, a, b, num_resamples=100, seed=0) == (low, high)
-    small_low, small_high = bootstrap_interval(fid, a[:100], b[:100], num_resamples=100, seed=0)
+    assert estimate_with_interval(fid, a, b, num_resamples=100, seed=0)[1:] == (low, high)
+    _, small_low, small_high = estimate_with_interval(fid, a[:100], b[:100], num_resamples=100, seed=0)
     assert small_high - small_low > high - low
 
 
 def test_bootstrap_resamples_with_replacement():
     a = np.arange(10.0)[:, None]
     seen_duplicates = []
-    bootstrap_interval(lambda x, y: seen_duplicates.append(len(np.unique(x)) < len(x)) or 0.0, a, a, num_resamples=20)
+    estimate_with_interval(lambda x, y: seen_duplicates.append(len(np.unique(x)) < len(x)) or 0.0, a, a,
+                           num_resamples=20)
     assert any(seen_duplicates)
     with pytest.raises(ValueError):
-        bootstrap_interval(fid, a, a, confidence=1.5)
+        estimate_with_interval(fid, a, a, confidence=1.5)
 
 
 def test_extract_features_and_probs():
@@ -182,7 +183,7 @@ def test_bootstrap_interval_is_bias_corrected_for_small_n():
     # Same distribution, N not far above D: duplicates from resampling inflate FID a lot.
     a, b = _normal(200, 32, 21), _normal(200, 32, 22)
     point = fid(a, b)
-    low, high = bootstrap_interval(fid, a, b, num_resamples=50, seed=0)
+    _, low, high = estimate_with_interval(fid, a, b, num_resamples=50, seed=0)
     assert low <= point <= high, "the interval must describe the reported value, not a smaller effective N"
 
 

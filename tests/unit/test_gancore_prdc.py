@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gancore.metrics import (
-    bootstrap_interval,
+    estimate_with_interval,
     coverage,
     density,
     density_coverage,
@@ -152,7 +152,7 @@ def test_bootstrap_interval_separates_good_from_overspread_fakes():
     real = _normal(300, 4, 19)
     good, spread = _normal(300, 4, 20), _normal(300, 4, 20, scale=2.0)
     for metric in (precision, density):
-        good_low, good_high = bootstrap_interval(metric, real, good, num_resamples=20)
-        spread_low, spread_high = bootstrap_interval(metric, real, spread, num_resamples=20)
+        _, good_low, good_high = estimate_with_interval(metric, real, good, num_resamples=20)
+        _, spread_low, spread_high = estimate_with_interval(metric, real, spread, num_resamples=20)
         assert good_low < good_high and spread_low < spread_high
         assert spread_high < good_low, metric.__name__
