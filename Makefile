@@ -9,11 +9,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export RAY_DEDUP_LOGS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-# The embedded default: an S3 endpoint on loopback with throwaway credentials.
-# Point these (and data.source in params.yaml) at real S3/MinIO and run `dvc repro` instead.
-S3_PORT ?= 9555
-EMBEDDED_ENV := AWS_ENDPOINT_URL=http://127.0.0.1:$(S3_PORT) AWS_ACCESS_KEY_ID=testing \
-	AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1 GAN_S3_PORT=$(S3_PORT)
+# The embedded default: an S3 endpoint on loopback with throwaway credentials. Its port and credentials
+# live in pipelines/stack.py; `gan stack env` prints them (another port: make pipeline GAN_S3_PORT=9600).
+# For real S3/MinIO, set data.source in params.yaml and the AWS_* variables, and run `dvc repro` instead.
+EMBEDDED_ENV = eval "$$(gan stack env)" &&
 
 .PHONY: setup pipeline test stack-up stack-down clean
 
@@ -28,13 +27,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 stack-up: setup
-	$(EMBEDDED_ENV) gan stack up
+	gan stack up
 
 stack-down: setup
 	gan stack down
 
 pipeline: stack-up
-	time $(EMBEDDED_ENV) dvc repro
+	$(EMBEDDED_ENV) time dvc repro
 	$(EMBEDDED_ENV) dvc push
 	dvc metrics show
 

@@ -22,7 +22,7 @@ from gancore.training import OptimizerSettings, TrainingState
 from pipelines.artifacts import FEATURENET_FILE, PREPARED_DIR, ArtifactError, load_featurenet
 from pipelines.config import Params
 from pipelines.dataset import DatasetError, load_split, model_shape, read_manifest
-from pipelines.worker import EVAL_SEED, REFERENCE_IMAGES, step_noise_seed
+from pipelines.worker import step_noise_seed
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,19 @@ class PreparedSetup:
     test_images: np.ndarray
     shape: dict[str, int]
     classifier: Classifier
+    eval_seed: int  # train.health.seed: the latents the workers evaluate
 
     @classmethod
-    def load(cls) -> PreparedSetup:
+    def load(cls, params: Params) -> PreparedSetup:
         try:
             train_images, train_labels = load_split(PREPARED_DIR, "train")
-            test_images, _ = load_split(PREPARED_DIR, "test", limit=REFERENCE_IMAGES)
+            test_images, _ = load_split(PREPARED_DIR, "test", limit=params.featurenet.reference_images)
             shape = model_shape(read_manifest(PREPARED_DIR))
             classifier = load_featurenet()
         except (ArtifactError, DatasetError) as error:
             sys.exit(f"{error}\nThe benchmarks score in the pipeline's own data and feature space: "
                      f"run `dvc repro featurenet` first ({PREPARED_DIR}, {FEATURENET_FILE}).")
-        return cls(train_images, train_labels, test_images, shape, classifier)
+        return cls(train_images, train_labels, test_images, shape, classifier, params.train.health.seed)
 
     def features(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return extract(self.classifier, images)
@@ -58,7 +59,8 @@ class PreparedSetup:
 
     def sample_fid(self, generator: torch.nn.Module, count: int, reference: np.ndarray) -> float:
         """Domain-FID of `count` samples (the workers' evaluation latents) against `reference` features."""
-        fakes = generate_images(generator, count, generator.latent_dim, EVAL_SEED, num_classes=generator.num_classes)
+        fakes = generate_images(generator, count, generator.latent_dim, self.eval_seed,
+                                num_classes=generator.num_classes)
         return fid(self.features(fakes)[0], reference)
 
 

@@ -32,9 +32,8 @@ from gancore.training import OptimizerSettings
 from pipelines.artifacts import PREPARED_DIR
 from pipelines.config import Params, load_params
 from pipelines.evaluate import save_grid, score
-from pipelines.ray_runtime import init_ray
+from pipelines.ray_runtime import publish_training_data
 from pipelines.train import completed_state, fit
-from pipelines.worker import publish_training_data
 
 CLASSIC_MODEL = {"family": "dcgan", "latent_dim": 100, "base_channels": 32, "conditional": False,
                  "loss": "non_saturating", "spectral_norm": False, "minibatch_discrimination": False,
@@ -91,12 +90,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/quality"))
     args = parser.parse_args()
     params = load_params()
-    setup = PreparedSetup.load()
+    setup = PreparedSetup.load(params)
     n = min(params.eval.num_samples, len(setup.test_images))
     train_rows = torch.randperm(len(setup.train_images), generator=torch.Generator().manual_seed(0))[:n]
     real = score(*setup.features(from_uint8(setup.train_images[train_rows.numpy()])),
                  setup.test_features(n, params.eval.seed), params.eval)
-    init_ray()
     published = publish_training_data(PREPARED_DIR)
     rows: dict[str, list[dict]] = {"default": [], "classic DCGAN": []}
     for seed in args.seeds:

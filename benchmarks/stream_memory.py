@@ -21,11 +21,12 @@ import ray
 import torch
 from throughput import benchmark_params
 
+from gancore.images import from_uint8
+from gancore.metrics.features import feature_reference
 from gancore.models.classifier import Classifier
 from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
 from pipelines.train import completed_state, fit
-from pipelines.worker import real_feature_reference
 
 NUM_CLASSES = 10
 
@@ -67,8 +68,8 @@ def measure(images: int, args, storage: str) -> dict:
     driver_private = next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
     torch.manual_seed(0)
     classifier = Classifier(3, args.image_size, NUM_CLASSES, params.featurenet.feature_dim).eval()
-    reference = ray.put(real_feature_reference(classifier, synthetic_images(500, args.image_size, seed=10**6),
-                                               np.arange(500, dtype=np.int64) % NUM_CLASSES))
+    reference = ray.put(feature_reference(classifier, from_uint8(synthetic_images(500, args.image_size, seed=10**6)),
+                                          np.arange(500, dtype=np.int64) % NUM_CLASSES))
     result = fit(params, shards, reference, shape, params.train.optimizer(), f"stream-{images}")
     history = completed_state(result)["history"]
     del shards  # the split leaves the object store before the next one comes in

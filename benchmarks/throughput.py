@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
 from gancore.images import from_uint8
+from gancore.metrics.features import feature_reference
 from gancore.models.classifier import Classifier
 from gancore.step import StepSettings
 from gancore.training import OptimizerSettings, TrainingState
@@ -62,7 +63,7 @@ from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
 from pipelines.sources import ImageShape
 from pipelines.train import completed_state, fit
-from pipelines.worker import DDP_OPTIONS, real_feature_reference, step_noise_seed
+from pipelines.worker import DDP_OPTIONS, step_noise_seed
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -215,7 +216,7 @@ def one_round(args, one: Params, many: Params, data: dict, shape: dict) -> dict[
         torch.manual_seed(0)
         classifier = Classifier(shape["channels"], shape["image_size"], NUM_CLASSES, one.featurenet.feature_dim)
         shards = put_shards(encode_shards(data["images"], data["labels"], one.data.shard_size))
-        reference = real_feature_reference(classifier.eval(), data["images"][:1000], data["labels"][:1000])
+        reference = feature_reference(classifier, from_uint8(data["images"][:1000]), data["labels"][:1000])
         reference_ref = ray.put(reference)
         rows["ray 1"] = with_steal(lambda: run_ray(one, shards, reference_ref, shape))
         overhead = RayOverhead(args.workers)

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, help="steps between trial scores (default: tune.report_every)")
     args = parser.parse_args()
     params = load_params()
-    SETUP = PreparedSetup.load()
+    SETUP = PreparedSetup.load(params)
     rng = np.random.default_rng(params.tune.seed)
     configs = [draw(params.tune.search_space, rng) for _ in range(args.configs)]
     print(f"{args.configs} configurations from tune.search_space; trial = {params.tune.steps} steps, "

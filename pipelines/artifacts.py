@@ -12,10 +12,12 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gancore.models import ModelSpec, build_gan
 from gancore.models.classifier import Classifier
+from pipelines.errors import UserError
 from pipelines.storage import atomic_directory
 
 PREPARED_DIR = Path("data/prepared")  # prepare
@@ -31,7 +33,7 @@ SAMPLES_FILE = Path("results/eval/samples.png")  # evaluate
 CURVES_FILE = Path("results/eval/curves.png")  # evaluate
 VERSION_FILE = Path("results/register/model_version.json")  # register
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError):
     """A stage input that is missing or that does not hold what it should."""
 
 
@@ -51,23 +53,43 @@ HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d",
                   "class_diversity", "conditional_accuracy")
 
 
-def save_featurenet(classifier: Classifier, path: Path, test_accuracy: float) -> None:
-    """models/featurenet.pt: the classifier's weights, its shape and its held-out accuracy; whole or absent."""
+def save_featurenet(classifier: Classifier, test_accuracy: float, reference: dict[str, np.ndarray],
+                    path: Path = FEATURENET_FILE) -> None:
+    """models/featurenet.pt: the classifier's weights, its shape, its held-out accuracy and the
+    reference statistics of real held-out images in its space (written once, read by tune and train);
+    whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     hyper = {key: getattr(classifier, key) for key in ("channels", "image_size", "num_classes", "feature_dim")}
-    torch.save({"state_dict": classifier.state_dict(), "hyper": hyper, "test_accuracy": test_accuracy}, partial)
+    torch.save({"state_dict": classifier.state_dict(), "hyper": hyper, "test_accuracy": test_accuracy,
+                "reference": {key: torch.from_numpy(value) for key, value in reference.items()}}, partial)
     partial.replace(path)
+
+
+def _featurenet_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; run `dvc repro featurenet` first")
+    return load_tensors(path, "featurenet")
+
+
+def _classifier(saved: dict) -> Classifier:
+    classifier = Classifier(**saved["hyper"])
+    classifier.load_state_dict(saved["state_dict"])
+    return classifier.eval()
 
 
 def load_featurenet(path: Path = FEATURENET_FILE) -> Classifier:
     """The metric space: the featurenet stage's classifier, in eval mode."""
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing; run `dvc repro featurenet` first")
-    saved = load_tensors(path, "featurenet")
-    classifier = Classifier(**saved["hyper"])
-    classifier.load_state_dict(saved["state_dict"])
-    return classifier.eval()
+    return _classifier(_featurenet_file(path))
+
+
+def load_reference(path: Path = FEATURENET_FILE) -> dict:
+    """What training samples are judged against: featurenet and the reference statistics it was saved with
+    (gancore.metrics.features.reference_statistics of the held-out split)."""
+    saved = _featurenet_file(path)
+    if "reference" not in saved:
+        raise ArtifactError(f"{path} predates the stored reference statistics; run `dvc repro -f featurenet`")
+    return {"classifier": _classifier(saved), **{key: value.numpy() for key, value in saved["reference"].items()}}
 
 
 def export_model(state: dict, provenance: dict, out_dir: Path = MODEL_DIR) -> None:

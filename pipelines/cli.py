@@ -10,28 +10,31 @@ from pathlib import Path
 
 import typer
 
+from pipelines.errors import UserError, run_main
 from pipelines.stack import stack_app
+from pipelines.uris import redact_credentials
 
 app = typer.Typer(help="GAN pipeline: dvc repro runs the stages; this command does everything around them.",
                   no_args_is_help=True, add_completion=False)
 app.add_typer(stack_app, name="stack", help="The embedded S3 endpoint on loopback (moto's server).")
 
-# Forwarded to a cluster job. Secrets are not: cluster nodes use their own credential chain.
+# Forwarded to a cluster job, without any user:password@ in them. Secrets are not forwarded: cluster
+# nodes use their own credential chain (AWS_*, MLFLOW_TRACKING_USERNAME/PASSWORD or a token there).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
 # DVC needs the git repository on the cluster (and the lineage records its commit); Ray leaves
 # .git out of a working_dir upload unless its default excludes are overridden.
 UPLOAD_DEFAULT_EXCLUDES = ".venv,venv,__pycache__"
 # Stage outputs stay behind: the job recomputes (or `dvc pull`s) them on the cluster.
-UPLOAD_EXCLUDES = ["/.venv", "/.dvc/cache", "/.dvc/tmp", "/.ray_storage", "/.stack", "/mlartifacts", "/mlflow.db",
-                   "/data", "/models", "/results"]
+# Git config files can hold credentials (a remote URL with a token, CI's http.extraheader); git and DVC
+# work without them on the cluster.
+UPLOAD_EXCLUDES = ["/.venv", "/.dvc/cache", "/.dvc/tmp", "/.dvc/config.local", "/.ray_storage", "/.stack",
+                   "/mlartifacts", "/mlflow.db", "/data", "/models", "/results", "/.git/config", "/.git/**/config"]
 
 
-def _model_name(name: str | None) -> str:
-    if name:
-        return name
-    from pipelines.config import load_params
-
-    return load_params().register.model_name
+def mlflow_error(what: str, error: Exception, fix: str) -> UserError:
+    """A registry or tracking failure as one line: what failed, MLflow's reason, and the fix."""
+    reason = str(getattr(error, "message", error)).strip().splitlines()[0]
+    return UserError(f"{what}: {reason}; {fix}")
 
 
 @app.command()
@@ -42,12 +45,21 @@ def promote(
     force: bool = typer.Option(False, help="move the alias even when the version does not beat the holder"),
 ) -> None:
     """Move an alias (default champion) to a version, gated on the register.gate_metric unless --force."""
+    from mlflow.exceptions import MlflowException
+
     from pipelines.config import load_params
     from pipelines.register import configure_mlflow, promote as gated_promote
 
-    client = configure_mlflow()
-    moved, message = gated_promote(client, _model_name(name), version, load_params().register.gate_metric,
-                                   alias=alias, force=force)
+    if not version.isdigit():
+        raise UserError(f"model version {version!r} is not a version number; pass one such as 3")
+    settings = load_params().register  # first: outside the repository nothing (no mlflow.db) is created
+    client = configure_mlflow(create=False)
+    try:
+        moved, message = gated_promote(client, name or settings.model_name, version, settings.gate_metric,
+                                       alias=alias, force=force)
+    except MlflowException as error:
+        raise mlflow_error(f"cannot promote version {version} of {name or settings.model_name}", error,
+                           "check the model name and version in the MLflow UI") from None
     typer.echo(message)
     raise typer.Exit(0 if moved else 1)
 
@@ -62,13 +74,23 @@ def generate(
     """Sample a registered generator into a PNG grid."""
     import mlflow.pytorch
     import torch
+    from mlflow.exceptions import MlflowException
 
     from gancore.step import generate_images
     from pipelines.evaluate import save_grid
     from pipelines.register import configure_mlflow
 
-    configure_mlflow()
-    generator = mlflow.pytorch.load_model(model, map_location="cpu").eval()
+    if not model.startswith(("models:/", "runs:/")):
+        raise UserError(f"--model {model!r} is not an MLflow model URI; use models:/<name>@<alias>,"
+                        " models:/<name>/<version> or runs:/<run id>/generator")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+    configure_mlflow(create=False)
+    try:
+        generator = mlflow.pytorch.load_model(model, map_location="cpu").eval()
+    except MlflowException as error:
+        raise mlflow_error(f"cannot load {model}", error, "check the name, alias or version in the MLflow UI"
+                           " (register one with `dvc repro register`)") from None
     images = generate_images(generator, n, generator.latent_dim, seed, num_classes=generator.num_classes)
     save_grid(images, out)
     typer.echo(f"{n} samples from {model} -> {out} ({tuple(images.shape[1:])}, torch {torch.__version__})")
@@ -86,17 +108,18 @@ def submit(
     """Run the pipeline on a Ray cluster through the Jobs API (like `ray job submit -- dvc repro`)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    if not (working_dir / "dvc.yaml").is_file():
+        raise UserError(f"--working-dir {working_dir} holds no dvc.yaml; run from the repository root or pass it")
     os.environ.setdefault("RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES", UPLOAD_DEFAULT_EXCLUDES)
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except ConnectionError as error:
+        raise UserError(f"cannot reach the Ray Jobs API at {redact_credentials(address)} ({error}); start a cluster"
+                        " (`ray start --head`, or infra/ray/cluster.yaml) or pass --address / RAY_ADDRESS") from None
     submission_id = f"gan-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    env_vars = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-    env_vars["GAN_RAY_SUBMISSION_ID"] = submission_id
-    client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=submission_id,
-        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars},
-    )
-    typer.echo(f"submitted {submission_id} to {address}: {entrypoint}")
+    client.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                      runtime_env=job_runtime_env(working_dir, submission_id))
+    typer.echo(f"submitted {submission_id} to {redact_credentials(address)}: {entrypoint}")
     if not wait:
         return
     printed, started = 0, time.monotonic()
@@ -118,8 +141,15 @@ def submit(
     raise typer.Exit(0 if status == JobStatus.SUCCEEDED else 1)
 
 
+def job_runtime_env(working_dir: Path, submission_id: str) -> dict:
+    """The job's upload (without stage outputs or git credentials) and its forwarded, credential-free env."""
+    env_vars = {key: redact_credentials(os.environ[key]) for key in FORWARDED_ENV if key in os.environ}
+    env_vars["GAN_RAY_SUBMISSION_ID"] = submission_id
+    return {"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
+
+
 def main() -> None:
-    app()
+    run_main(app, "gan")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ impossible value stops the stage before any compute with a message naming the ke
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -19,7 +18,9 @@ from gancore.augment import POLICIES
 from gancore.losses import LOSSES, SMOOTHABLE
 from gancore.metrics.registry import SET_METRICS, MetricSettings
 from gancore.models import FAMILIES, ModelSpec
+from gancore.models.layers import IMAGE_SIZES
 from gancore.step import StepSettings
+from pipelines.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -29,7 +30,7 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """params.yaml does not describe a runnable pipeline."""
 
 
@@ -45,7 +46,7 @@ class DataParams(Section):
     shard_size: PositiveInt
     split_seed: int
     download_workers: PositiveInt
-    resize_filter: Literal["lanczos", "bicubic", "hamming", "bilinear", "box"]
+    resize_filter: Literal["lanczos", "bicubic", "hamming", "bilinear", "box"]  # PIL's antialiasing filters, by name
     max_image_pixels: PositiveInt
     min_image_side: PositiveInt
     on_error: Literal["skip", "fail"]
@@ -54,8 +55,8 @@ class DataParams(Section):
     @field_validator("image_size")
     @classmethod
     def _power_of_two(cls, value: int) -> int:
-        if value not in (16, 32, 64, 128):
-            raise ValueError("must be a power of two from 16 to 128")
+        if value not in IMAGE_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, IMAGE_SIZES))} (a power of two the models support)")
         return value
 
     @field_validator("source")
@@ -63,6 +64,9 @@ class DataParams(Section):
     def _source_uri(cls, value: str) -> str:
         if value.startswith("s3://") and len(value) <= len("s3://"):
             raise ValueError("s3:// URI needs a bucket, e.g. s3://my-bucket/images")
+        if "://" in value and not value.startswith("s3://"):
+            raise ValueError(f"{value.split('://')[0]}:// sources are not supported; use s3://bucket/prefix (any"
+                             " S3-compatible store via AWS_ENDPOINT_URL) or a local folder")
         return value.rstrip("/")
 
 
@@ -72,6 +76,7 @@ class FeaturenetParams(Section):
     lr: PositiveFloat
     feature_dim: PositiveInt
     seed: int
+    reference_images: Annotated[int, Field(ge=2)]
 
 
 class ModelParams(Section):
@@ -168,6 +173,7 @@ class HealthParams(Section):
     min_class_coverage: Annotated[float, Field(ge=0, le=1)]
     min_diversity: NonNegativeFloat
     min_conditional_accuracy: Annotated[float, Field(ge=0, le=1)]
+    seed: int
 
 
 class TrainParams(OptimizerParams):
@@ -178,6 +184,7 @@ class TrainParams(OptimizerParams):
     ema_decay: Annotated[float, Field(ge=0, lt=1)]
     log_every: PositiveInt
     checkpoint_every: PositiveInt
+    checkpoints_kept: PositiveInt
     max_failures: Annotated[int, Field(ge=-1)]
     storage_path: str
     seed: int
@@ -188,6 +195,15 @@ class TrainParams(OptimizerParams):
         """Images per generator step over all workers (at the most workers of an elastic range)."""
         workers = self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
         return workers * self.batch_size
+
+    @field_validator("storage_path")
+    @classmethod
+    def _supported_storage(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else None
+        if scheme is not None and scheme != "s3":
+            raise ValueError(f"{scheme}:// storage is not supported; use a local or shared folder, or"
+                             " s3://bucket/prefix (MinIO and other S3-compatible stores via AWS_ENDPOINT_URL)")
+        return value
 
     @field_validator("num_workers")
     @classmethod
@@ -357,10 +373,3 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_params(raw, path)
 
-
-def load_params_or_exit(path: Path | str = PARAMS_FILE) -> Params:
-    """A stage's first line: bad params end the stage with the message, not a traceback."""
-    try:
-        return load_params(path)
-    except ConfigError as error:
-        sys.exit(str(error))

@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipelines.errors import UserError
+
 Split = Literal["train", "test"]
 Shard = tuple[np.ndarray, np.ndarray]  # images uint8 (N, H, W, C), labels int64 (N,)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError):
     """The prepared data is missing or does not match its manifest."""
 
 

@@ -10,7 +10,6 @@ N held-out ones: the score a perfect generator would get with this N and this fe
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -26,9 +25,10 @@ from gancore.metrics import (conditional_accuracy, extract, inception_features, 
                              measure_all, metric_entry, one_sample_bootstrap_interval)
 from gancore.step import generate_images, requested_labels
 from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
-                                 ArtifactError, load_featurenet, load_generator)
-from pipelines.config import EvalParams, load_params_or_exit
-from pipelines.dataset import DatasetError, load_split
+                                 load_featurenet, load_generator)
+from pipelines.config import EvalParams, load_params
+from pipelines.dataset import load_split
+from pipelines.errors import run_main
 from pipelines.storage import write_json_atomic
 
 
@@ -79,15 +79,12 @@ def plot_curves(history_file: Path, path: Path) -> None:
 
 
 def main() -> None:
-    params = load_params_or_exit().eval
-    try:
-        generator, model_config = load_generator(MODEL_DIR)
-        classifier = load_featurenet()
-        # N images are drawn from a pool of 10 N per split (the whole split when smaller): memory stays bounded.
-        test_images, test_labels = load_split(PREPARED_DIR, "test", limit=10 * params.num_samples)
-        train_images, _ = load_split(PREPARED_DIR, "train", limit=10 * params.num_samples)
-    except (ArtifactError, DatasetError) as error:
-        sys.exit(str(error))
+    params = load_params().eval
+    generator, model_config = load_generator(MODEL_DIR)
+    classifier = load_featurenet()
+    # N images are drawn from a pool of 10 N per split (the whole split when smaller): memory stays bounded.
+    test_images, test_labels = load_split(PREPARED_DIR, "test", limit=10 * params.num_samples)
+    train_images, _ = load_split(PREPARED_DIR, "train", limit=10 * params.num_samples)
     n = min(params.num_samples, len(test_images), len(train_images))
     if n < params.num_samples:
         print(f"[evaluate] only {n} held-out images: metrics use N={n}, not eval.num_samples={params.num_samples}")
@@ -133,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "evaluate")

@@ -6,7 +6,6 @@ computed in the feature space of a classifier trained on the prepared data.
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import torch
@@ -14,10 +13,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gancore.images import from_uint8
+from gancore.metrics.features import extract, reference_statistics
 from gancore.models.classifier import Classifier
 from pipelines.artifacts import FEATURENET_FILE, FEATURENET_METRICS_FILE, PREPARED_DIR, save_featurenet
-from pipelines.config import FeaturenetParams, load_params_or_exit
-from pipelines.dataset import load_split, read_manifest
+from pipelines.config import FeaturenetParams, load_params
+from pipelines.errors import run_main
+from pipelines.dataset import DatasetError, load_split, read_manifest
 from pipelines.storage import write_json_atomic
 
 FEATURENET_IMAGES = 100_000  # per split: enough for a 10-class feature extractor, and bounded in memory
@@ -54,18 +55,21 @@ def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> 
 
 
 def main() -> None:
-    params = load_params_or_exit()
+    params = load_params()
     manifest = read_manifest(PREPARED_DIR)
     if not manifest["class_names"]:
-        sys.exit("featurenet needs labelled data (class sub-folders under data.source); the prepared data has none")
+        raise DatasetError("featurenet needs labelled data (class sub-folders under data.source); the prepared data"
+                           " has none")
     train_images, train_labels = load_split(PREPARED_DIR, "train", limit=FEATURENET_IMAGES)
     test_images, test_labels = load_split(PREPARED_DIR, "test", limit=FEATURENET_IMAGES)
     classifier = train_featurenet(train_images, train_labels, len(manifest["class_names"]), params.featurenet)
     test_accuracy = accuracy(classifier, test_images, test_labels)
-    save_featurenet(classifier, FEATURENET_FILE, test_accuracy)
+    reference = test_images[: params.featurenet.reference_images], test_labels[: params.featurenet.reference_images]
+    features, _ = extract(classifier, from_uint8(reference[0]))
+    save_featurenet(classifier, test_accuracy, reference_statistics(features, reference[1]))
     write_json_atomic(FEATURENET_METRICS_FILE, {"test_accuracy": test_accuracy, "test_images": int(len(test_labels))})
     print(f"featurenet: test accuracy {test_accuracy:.4f} on {len(test_labels)} held-out images -> {FEATURENET_FILE}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "featurenet")

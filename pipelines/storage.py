@@ -34,6 +34,8 @@ from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 from s3transfer.manager import TransferConfig, TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
+from pipelines.errors import UserError
+
 DEFAULT_MAX_ATTEMPTS = 10
 LIST_WORKERS = 8  # sub-prefixes (class folders) listed at once
 SPOOL_BYTES = 8 << 20  # a downloaded object stays in memory up to this size, beyond it in a temp file
@@ -42,7 +44,7 @@ _MISSING_BUCKET_CODES = {"NoSuchBucket"}
 _MISSING_KEY_CODES = {"NoSuchKey", "404"}
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError):
     """A storage operation failed for a reason the user can fix; the message says how."""
 
 
@@ -59,13 +61,18 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def s3_endpoint() -> str | None:
+    """A custom S3 endpoint (MinIO, the embedded loopback server) from the environment, as boto3 reads it."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 @functools.cache
 def s3_client() -> BaseClient:
     """One client per process: the standard credential chain, endpoint from AWS_ENDPOINT_URL.
 
     Call `s3_client.cache_clear()` after changing AWS_* environment variables in-process.
     """
-    custom_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    custom_endpoint = s3_endpoint()
     config = Config(
         # AWS_MAX_ATTEMPTS still wins so a caller can fail fast; explicit Config values override the env.
         retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS))},
@@ -151,7 +158,7 @@ def open_object(stored: StoredObject) -> Iterator[IO[bytes]]:
                 subscribers=[_ListedObject(stored)],
             ).result()
         except (BotoCoreError, ClientError, RetriesExceededError, S3DownloadFailedError) as error:
-            raise _storage_error(error, stored.uri, bucket, client) from None
+            raise _storage_error(error, stored.uri, bucket) from None
         buffer.seek(0)
         yield buffer
 
@@ -167,7 +174,7 @@ def read_bytes(uri: str) -> bytes:
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except (BotoCoreError, ClientError) as error:
-        raise _storage_error(error, uri, bucket, client) from None
+        raise _storage_error(error, uri, bucket) from None
 
 
 def sha256_file(path: Path) -> str:
@@ -240,8 +247,8 @@ def _iter_s3(uri: str) -> Iterator[StoredObject]:
     bucket, prefix = split_s3_uri(uri)
     # A trailing slash keeps s3://b/mnist from also matching s3://b/mnist-old/.
     list_prefix = f"{prefix}/" if prefix else ""
-    client = s3_client()
     try:
+        client = s3_client()  # partial credentials in the environment fail here
         versioned = _is_versioned(client, bucket)
         sub_prefixes = []
         for entries, common_prefixes in _pages(client, bucket, list_prefix, versioned, delimiter="/"):
@@ -255,7 +262,7 @@ def _iter_s3(uri: str) -> Iterator[StoredObject]:
         for listed in parallel_unordered(list_sub_prefix, sub_prefixes, LIST_WORKERS):
             yield from listed
     except (BotoCoreError, ClientError) as error:
-        raise _storage_error(error, uri, bucket, client) from None
+        raise _storage_error(error, uri, bucket) from None
 
 
 def _is_versioned(client: BaseClient, bucket: str) -> bool:
@@ -305,15 +312,21 @@ def _list_local(root: Path) -> list[StoredObject]:
                     uri=str(path),
                     key=path.relative_to(root).as_posix(),
                     size=path.stat().st_size,
-                    etag=hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest(),
+                    etag=_file_md5(path),
                 )
             )
     return objects
 
 
-def _storage_error(error: Exception, uri: str, bucket: str, client: BaseClient) -> StorageError:
+def _file_md5(path: Path) -> str:
+    """Streamed: a local file larger than memory is listed (and then rejected by size), not read whole."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+
+
+def _storage_error(error: Exception, uri: str, bucket: str) -> StorageError:
     """Translate a boto error into a StorageError that says what to do."""
-    endpoint = client.meta.endpoint_url
+    endpoint = s3_endpoint() or "AWS S3"
     if isinstance(error, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(
             f"{uri}: no usable AWS credentials ({error}). Set AWS_ACCESS_KEY_ID and "

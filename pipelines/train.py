@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +21,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from pipelines.artifacts import (BEST_PARAMS_FILE, FEATURENET_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR,
-                                 ArtifactError, export_model, write_history)
-from pipelines.config import ConfigError, Params, load_params_or_exit
-from pipelines.dataset import DatasetError, read_manifest
-from pipelines.ray_runtime import init_ray, storage
+                                 export_model, write_history)
+from pipelines.config import ConfigError, Params, load_params
+from pipelines.errors import UserError, run_main
+from pipelines.dataset import read_manifest
+from pipelines.ray_runtime import publish_training_data, require_resources, storage
 from pipelines.storage import sha256_file
-from pipelines.worker import LoopConfig, gan_train_loop, load_checkpoint, publish_training_data
+from pipelines.worker import RUN_BUDGET, LoopConfig, gan_train_loop, load_checkpoint
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # The code that decides the weights at a given step: models, losses and the step (gancore), the worker
@@ -35,7 +35,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 SHAPING_CODE = ("gancore", "pipelines/worker.py", "pipelines/dataset.py", "pipelines/config.py")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError):
     """The run failed or was stopped as unhealthy; nothing is exported, so nothing gets registered."""
 
 
@@ -77,7 +77,7 @@ def tuned_optimizer(params: Params, best_params_file: Path = BEST_PARAMS_FILE) -
     if params.train.use_tuned:
         if not best_params_file.is_file():
             raise ConfigError(f"{best_params_file} is missing: run `dvc repro tune`, or set"
-                                    " train.use_tuned: false to train with train.lr_g/lr_d/beta1/beta2 as given")
+                              " train.use_tuned: false to train with train.lr_g/lr_d/beta1/beta2 as given")
         tuned = yaml.safe_load(best_params_file.read_text())
         if not isinstance(tuned, dict) or not tuned or set(tuned) - set(settings):
             raise ConfigError(f"{best_params_file} does not hold tuned optimizer settings ({sorted(settings)}):"
@@ -88,7 +88,8 @@ def tuned_optimizer(params: Params, best_params_file: Path = BEST_PARAMS_FILE) -
 
 # Settings that do not change what a step computes: a run with more steps (or other reporting)
 # continues from the stored checkpoints instead of starting over.
-NOT_SHAPING = {"steps", "log_every", "checkpoint_every", "max_failures", "storage_path", "use_tuned", "health"}
+NOT_SHAPING = {"steps", "log_every", "checkpoint_every", "checkpoints_kept", "max_failures", "storage_path",
+               "use_tuned", "health"}
 
 
 def code_digest(root: Path = REPOSITORY) -> str:
@@ -116,12 +117,8 @@ def run_name(params: Params, optimizer: dict, inputs: dict[str, str]) -> str:
 
 
 def fit(params: Params, shards, reference_ref, shape: dict, optimizer: dict, name: str):
-    health = params.train.health
-    loop = LoopConfig.from_params(
-        params, shards, reference_ref, shape, optimizer, steps=params.train.steps,
-        report_every=params.train.log_every, checkpoint_every=params.train.checkpoint_every, seed=params.train.seed,
-        eval_every=health.check_every, eval_samples=health.samples,
-    )
+    budget = {key: getattr(params.train, key) for key in RUN_BUDGET}
+    loop = LoopConfig.from_params(params, shards, reference_ref, shape, optimizer, **budget)
     storage_path, filesystem = storage(params.train.storage_path)
     trainer = TorchTrainer(
         gan_train_loop,
@@ -132,7 +129,7 @@ def fit(params: Params, shards, reference_ref, shape: dict, optimizer: dict, nam
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=params.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_kept),
             callbacks=[ProgressLine(params.train.steps)],
         ),
     )
@@ -164,18 +161,18 @@ def train(params: Params) -> tuple[dict, str]:
     print(f"[train] {manifest['counts']['train']} images, {params.train.num_workers} workers x batch "
           f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
           f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name}", flush=True)
-    init_ray()
-    return completed_state(fit(params, *publish_training_data(PREPARED_DIR), optimizer, name)), name
+    published = publish_training_data(PREPARED_DIR)
+    workers = params.train.num_workers
+    require_resources(workers if isinstance(workers, int) else workers[0], params.train.use_gpu)
+    return completed_state(fit(params, *published, optimizer, name)), name
 
 
 def main() -> None:
-    params = load_params_or_exit()
+    params = load_params()
     try:
         state, name = train(params)
     except TrainingFailedError as error:
-        sys.exit(f"[train] training failed: {worker_errors(error)}")
-    except (ArtifactError, ConfigError, DatasetError, TrainingStopped) as error:
-        sys.exit(str(error))
+        raise TrainingStopped(f"training failed: {worker_errors(error)}") from None
     export_model(state, {"ray_run_name": name, "ray_job_id": ray.get_runtime_context().get_job_id(),
                          "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", "")})  # set by `gan submit`
     write_history(state["history"])
@@ -183,4 +180,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "train")

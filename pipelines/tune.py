@@ -17,7 +17,6 @@ import csv
 import json
 import math
 import random
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,11 +34,12 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from pipelines.artifacts import BEST_PARAMS_FILE, ArtifactError, PREPARED_DIR, TRIALS_FILE
-from pipelines.config import ConfigError, Distribution, Params, TuneParams, load_params_or_exit
-from pipelines.ray_runtime import init_ray, storage
+from pipelines.artifacts import BEST_PARAMS_FILE, PREPARED_DIR, TRIALS_FILE
+from pipelines.config import Distribution, Params, TuneParams, load_params
+from pipelines.errors import run_main
+from pipelines.ray_runtime import publish_training_data, require_resources, storage
 from pipelines.storage import write_text_atomic
-from pipelines.worker import LoopConfig, gan_train_loop, publish_training_data
+from pipelines.worker import LoopConfig, gan_train_loop
 
 DRIVERS_CPU, WORKER_CPU = 0.05, 0.95
 METRIC = "fid"  # domain-FID of EMA samples: lower is better
@@ -84,7 +84,7 @@ def run_trial(trial_config: dict, base: dict, storage_path: str, filesystem, num
     trial_id = tune.get_context().get_trial_id()
     pointer = read_pointer(tune.get_checkpoint())
     while pointer["healthy"] and pointer["step"] < base["steps"]:
-        until = min(pointer["step"] + base["report_every"], base["steps"])
+        until = min(pointer["step"] + base["log_every"], base["steps"])
         start = None if pointer["path"] is None else Checkpoint(pointer["path"], filesystem)
         trainer = TorchTrainer(
             gan_train_loop,
@@ -241,8 +241,10 @@ def run_search(params: Params, shards, reference_ref, shape: dict) -> tune.Resul
     base = LoopConfig.from_params(
         params, shards, reference_ref, shape, params.train.optimizer(), steps=settings.steps,
         batch_size=params.train.global_batch_size() // settings.num_workers,
-        report_every=settings.report_every, checkpoint_every=settings.report_every, seed=settings.seed,
-        eval_every=settings.report_every, eval_samples=settings.eval_samples,
+        log_every=settings.report_every, checkpoint_every=settings.report_every, seed=settings.seed,
+        # A trial is scored (and checked) at every report, on tune.eval_samples samples.
+        health=params.train.health.model_copy(update={"check_every": settings.report_every,
+                                                      "samples": settings.eval_samples}),
     ).to_dict()
     storage_path, filesystem = storage(params.train.storage_path)
     reports = math.ceil(settings.steps / settings.report_every)
@@ -302,16 +304,14 @@ def write_outputs(results: tune.ResultGrid, settings: TuneParams) -> dict:
 
 
 def main() -> None:
-    params = load_params_or_exit()
-    init_ray()
-    try:
-        results = run_search(params, *publish_training_data(PREPARED_DIR))
-    except (ConfigError, ArtifactError) as error:
-        sys.exit(str(error))
+    params = load_params()
+    published = publish_training_data(PREPARED_DIR)
+    require_resources(params.tune.num_workers, use_gpu=False, cpus_per_worker=WORKER_CPU)
+    results = run_search(params, *published)
     best = write_outputs(results, params.tune)
     print(f"[tune] {params.tune.search}: {len(results)} trials; best domain-FID {best['fid']:.2f} at step "
           f"{params.tune.steps} (trial {best['trial']}) with {best['best_params']} -> {BEST_PARAMS_FILE}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "tune")

@@ -10,6 +10,7 @@ reports why (`health_error`); the driver then refuses to export it.
 
 from __future__ import annotations
 
+import posixpath
 import resource
 import tempfile
 import time
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -39,17 +40,16 @@ from gancore.metrics.conditional import conditional_accuracy
 from gancore.metrics.features import extract
 from gancore.metrics.fid import frechet_distance, gaussian_statistics
 from gancore.models import ModelSpec
-from gancore.models.classifier import Classifier
 from gancore.step import StepSettings, generate_images, requested_labels
 from gancore.training import OptimizerSettings, TrainingState
-from pipelines.artifacts import load_featurenet, load_tensors
-from pipelines.config import Params
-from pipelines.dataset import ShardedBatches, decode_shard, load_split, model_shape, read_manifest, shard_files
-from pipelines.ray_runtime import put_shards, quiet_worker_logs
+from pipelines.artifacts import ArtifactError, load_tensors
+from pipelines.config import HealthParams, Params
+from pipelines.dataset import ShardedBatches, decode_shard
+from pipelines.ray_runtime import quiet_worker_logs
 
 CHECKPOINT_FILE = "checkpoint.pt"
-REFERENCE_IMAGES = 10_000  # held-out images whose features the domain-FID compares against (memory-bounded)
-EVAL_SEED = 12345  # the same latents at every evaluation, so the FID curve tracks the model, not the noise
+# A run's length, batch, reporting and checks: named as in train.*, which the train stage passes as is.
+RUN_BUDGET = ("batch_size", "steps", "log_every", "checkpoint_every", "seed", "health")
 # G and D are wrapped separately; D runs twice per update (real, fake) before
 # backward, which only works when DDP does not re-broadcast BN buffers per forward.
 DDP_OPTIONS = {"forward_sync_buffers": False}
@@ -62,7 +62,7 @@ def step_noise_seed(seed: int, step: int, rank: int) -> int:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Everything one worker needs; plain data so it pickles to any node."""
+    """Everything one worker needs; plain data so it pickles to any node. Fields keep their params' names."""
 
     data: tuple  # ray.ObjectRef per train shard (its .npz bytes), from ray_runtime.put_shards
     shard_counts: tuple[int, ...]  # images per shard
@@ -75,18 +75,12 @@ class LoopConfig:
     batch_size: int
     steps: int
     ema_decay: float
-    report_every: int
-    checkpoint_every: int  # 0: never checkpoint (tune trials)
+    log_every: int
+    checkpoint_every: int
     seed: int
-    # Evaluation of EMA samples in featurenet space: domain-FID and the mode-collapse check.
-    reference: Any  # ray.ObjectRef of real_feature_reference(...)
-    eval_every: int
-    eval_samples: int
-    max_grad_norm: float
-    collapse_warmup: int
-    min_class_coverage: float
-    min_diversity: float
-    min_conditional_accuracy: float
+    # Evaluation of EMA samples in featurenet space (domain-FID) and the divergence and mode-collapse checks.
+    reference: Any  # ray.ObjectRef of ray_runtime.publish_training_data's reference
+    health: HealthParams
     # Where a run with no checkpoint of its own starts: a tune trial's previous interval, or the trial a PBT
     # exploit clones (Ray Train V2 has no resume_from_checkpoint). A ray.train.Checkpoint or None.
     start_checkpoint: Any = field(default=None, kw_only=True)
@@ -94,40 +88,35 @@ class LoopConfig:
     @classmethod
     def from_params(cls, params: Params, shards: tuple[tuple, tuple[int, ...]], reference: Any, shape: dict,
                     optimizer: dict[str, float], **budget: Any) -> LoopConfig:
-        """Model, recipe, batch and health limits from params; `shape` = channels/image_size/num_classes of the
-        prepared data and `shards` = (refs, counts) of its train split; the budget (steps, reporting,
-        evaluation, seed, and a per-worker batch_size other than train.batch_size) from the caller."""
-        health = params.train.health
+        """Model, recipe and EMA from params; `shape` = channels/image_size/num_classes of the prepared data,
+        `shards` = (refs, counts) of its train split. `budget` = the RUN_BUDGET fields: train.* for the train
+        stage, a trial's own for tune (which so never reads train.steps)."""
         return cls(
             data=tuple(shards[0]), shard_counts=tuple(shards[1]), reference=reference, model=params.model.spec(**shape),
-            step=params.model.step_settings(shape["num_classes"]),
-            batch_size=budget.pop("batch_size", params.train.batch_size),
-            ema_decay=params.train.ema_decay, max_grad_norm=health.max_grad_norm,
-            collapse_warmup=health.warmup_steps, min_class_coverage=health.min_class_coverage,
-            min_diversity=health.min_diversity, min_conditional_accuracy=health.min_conditional_accuracy,
-            **optimizer, **budget,
+            step=params.model.step_settings(shape["num_classes"]), ema_decay=params.train.ema_decay, **optimizer,
+            **budget,
         )
 
     def optimizer(self) -> OptimizerSettings:
         return OptimizerSettings(lr_g=self.lr_g, lr_d=self.lr_d, beta1=self.beta1, beta2=self.beta2)
 
     def to_dict(self) -> dict:
-        """Shallow: Tune merges trial values into this dict, and the nested specs stay dataclasses."""
+        """Shallow: Tune merges trial values into this dict, and the nested specs stay objects."""
         return {field.name: getattr(self, field.name) for field in fields(self)}
 
     def describe(self) -> dict:
         """JSON-able summary stored in checkpoints."""
         skip = ("data", "shard_counts", "reference", "start_checkpoint")
-        return {key: asdict(value) if key in ("model", "step") else value
-                for key, value in self.to_dict().items() if key not in skip}
+        summary = {key: value for key, value in self.to_dict().items() if key not in skip}
+        return {**summary, "model": asdict(self.model), "step": asdict(self.step), "health": self.health.model_dump()}
 
 
 def evaluate_samples(generator: torch.nn.Module, reference: dict, config: LoopConfig, device) -> dict[str, float]:
     """Domain-FID, class coverage, diversity (over all samples and within each class) and, for a conditional
     model, conditional accuracy of EMA samples against the real reference."""
     num_classes = config.model.num_classes
-    fakes = generate_images(generator, config.eval_samples, config.model.latent_dim, seed=EVAL_SEED, device=device,
-                            num_classes=num_classes)
+    fakes = generate_images(generator, config.health.samples, config.model.latent_dim, seed=config.health.seed,
+                            device=device, num_classes=num_classes)
     features, probabilities = extract(reference["classifier"], fakes)
     predicted = probabilities.argmax(axis=1)
     requested = requested_labels(len(fakes), num_classes)
@@ -145,28 +134,28 @@ def evaluate_samples(generator: torch.nn.Module, reference: dict, config: LoopCo
     return metrics
 
 
-def health_problem(step: int, metrics: dict[str, float], config: LoopConfig) -> str | None:
+def health_problem(step: int, metrics: dict[str, float], health: HealthParams) -> str | None:
     """Why the run at `step` is unhealthy (diverged, exploding gradients, collapsed), or None."""
     try:
         check_finite(step, {key: value for key, value in metrics.items() if key.startswith(("loss_", "grad_norm_"))})
-        check_gradient_norm(step, "discriminator", metrics["grad_norm_d"], config.max_grad_norm)
-        check_gradient_norm(step, "generator", metrics["grad_norm_g"], config.max_grad_norm)
-        if "class_coverage" in metrics and step >= config.collapse_warmup:
+        check_gradient_norm(step, "discriminator", metrics["grad_norm_d"], health.max_grad_norm)
+        check_gradient_norm(step, "generator", metrics["grad_norm_g"], health.max_grad_norm)
+        if "class_coverage" in metrics and step >= health.warmup_steps:
             # .get: the metrics of a run stopped before these measures existed lack them.
-            check_mode_collapse(step, metrics["class_coverage"], metrics["diversity"], config.min_class_coverage,
-                                config.min_diversity, class_diversity=metrics.get("class_diversity"),
+            check_mode_collapse(step, metrics["class_coverage"], metrics["diversity"], health.min_class_coverage,
+                                health.min_diversity, class_diversity=metrics.get("class_diversity"),
                                 conditional_accuracy=metrics.get("conditional_accuracy"),
-                                min_conditional_accuracy=config.min_conditional_accuracy)
+                                min_conditional_accuracy=health.min_conditional_accuracy)
     except TrainingHealthError as error:
         return str(error)
     return None
 
 
-def gradients_exploded(metrics: dict[str, float], config: LoopConfig) -> bool:
+def gradients_exploded(metrics: dict[str, float], health: HealthParams) -> bool:
     """The per-step divergence check. Gradient norms are taken after DDP's all-reduce, so every worker
     sees the same values and reaches the same verdict without communicating; a NaN in any worker's
     loss reaches every worker's gradients through that all-reduce."""
-    return any(gradient_norm_exceeded(metrics[key], config.max_grad_norm) for key in ("grad_norm_d", "grad_norm_g"))
+    return any(gradient_norm_exceeded(metrics[key], health.max_grad_norm) for key in ("grad_norm_d", "grad_norm_g"))
 
 
 def all_workers(value: float, device: torch.device, reduce: str = "max") -> float:
@@ -205,6 +194,35 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint) -> dict:
         return load_tensors(Path(directory) / CHECKPOINT_FILE, "training checkpoint")
 
 
+def kept_checkpoints(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's kept checkpoints (train.checkpoints_kept), newest first: `latest`, then the older ones
+    beside it (Ray names them checkpoint_<timestamp>, so their names sort by age)."""
+    parent = posixpath.dirname(latest.path.rstrip("/"))
+    found = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted((info.path for info in found if info.type == pyarrow.fs.FileType.Directory
+                    and posixpath.basename(info.path).startswith("checkpoint_") and info.path < latest.path),
+                   reverse=True)
+    return [latest, *(ray.train.Checkpoint(path, latest.filesystem) for path in older)]
+
+
+def load_newest_readable(latest: ray.train.Checkpoint, rank: int) -> dict:
+    """The newest kept checkpoint that loads: a truncated or corrupt newest one (a node lost mid-upload)
+    falls back to the one before it instead of failing every retry."""
+    problems = []
+    for checkpoint in kept_checkpoints(latest):
+        try:
+            saved = load_checkpoint(checkpoint)
+        except (ArtifactError, RuntimeError, EOFError, OSError) as error:
+            problems.append(f"{checkpoint.path}: {str(error).strip().splitlines()[0]}")
+            continue
+        if problems and rank == 0:
+            print(f"[train] skipped unreadable checkpoints ({'; '.join(problems)}); resuming from {checkpoint.path}",
+                  flush=True)
+        return saved
+    raise ArtifactError(f"no kept checkpoint of this run can be read ({'; '.join(problems)}); delete the run's folder"
+                        " under train.storage_path to start it again")
+
+
 @dataclass
 class Progress:
     """Where a run stands: the next step, the reports so far, and the steps it was restored at."""
@@ -217,10 +235,10 @@ class Progress:
 def restore(state: TrainingState, config: LoopConfig, rank: int) -> Progress | None:
     """Load the run's latest checkpoint (or the trial a PBT exploit clones) into `state`; None when the
     run ended unhealthy and is still unhealthy by the current limits."""
-    checkpoint = ray.train.get_checkpoint() or config.start_checkpoint
-    if checkpoint is None:
+    own = ray.train.get_checkpoint()
+    if own is None and config.start_checkpoint is None:
         return Progress()
-    saved = load_checkpoint(checkpoint)
+    saved = load_newest_readable(own, rank) if own is not None else load_checkpoint(config.start_checkpoint)
     if saved["step"] > config.steps:
         # The run was longer before (e.g. `dvc exp run -S train.steps=500` after 1,500 steps). Its weights
         # are not a `steps`-step model; batches and noise are functions of (seed, step), so training again
@@ -238,7 +256,7 @@ def restore(state: TrainingState, config: LoopConfig, rank: int) -> Progress | N
         # The run stopped as unhealthy. Judged by the current train.health limits: still unhealthy
         # means the same verdict at once; limits relaxed since then means training continues.
         stopped_at = saved.get("health_metrics")
-        if stopped_at is None or health_problem(progress.step, stopped_at, config) is not None:
+        if stopped_at is None or health_problem(progress.step, stopped_at, config.health) is not None:
             return None
         progress.history = [*progress.history, stopped_at]
     if rank == 0:
@@ -262,25 +280,109 @@ def wrap_for_device(state: TrainingState, device: torch.device) -> tuple[torch.m
     return memory_format, torch.bfloat16 if on_gpu else None
 
 
-def report(state: TrainingState, progress: Progress, metrics: dict, problem: str | None, config: LoopConfig,
-           rank: int) -> None:
+@dataclass
+class WorkerRun:
+    """One worker's run once restored and wrapped: what every phase of the loop reads."""
+
+    config: LoopConfig
+    state: TrainingState
+    progress: Progress
+    reference: dict
+    batches: ShardedBatches
+    device: torch.device
+    rank: int
+    world_size: int
+    memory_format: torch.memory_format
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def images_per_step(self) -> int:
+        return self.config.batch_size * self.config.step.critic_steps
+
+
+@dataclass
+class Window:
+    """The steps since the last report, for img/s and CPU use."""
+
+    started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)
+    steps: int = 0
+
+
+def start(config: LoopConfig) -> WorkerRun | None:
+    """Build the training state, restore it from the run's checkpoint and wrap it for the device; None
+    when the run already ended unhealthy (see restore)."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    state = TrainingState.create(config.model, config.optimizer(), config.ema_decay, config.seed)
+    progress = restore(state, config, rank)
+    if progress is None:
+        return None
+    device = ray.train.torch.get_device()
+    memory_format, autocast_dtype = wrap_for_device(state, device)
+    batches = ShardedBatches(list(config.shard_counts), lambda shard: decode_shard(ray.get(config.data[shard])),
+                             config.batch_size * config.step.critic_steps, config.seed, rank, world_size)
+    return WorkerRun(config, state, progress, ray.get(config.reference), batches, device, rank, world_size,
+                     memory_format, autocast_dtype)
+
+
+def train_step(run: WorkerRun, step: int) -> dict[str, float]:
+    """One G update (and its D updates) on this worker's batch and noise for `step`; its losses and norms."""
+    real_images, real_labels = run.batches.batch(step)
+    noise = torch.Generator(device="cpu").manual_seed(step_noise_seed(run.config.seed, step, run.rank))
+    return run.state.iteration(
+        from_uint8(real_images).to(run.device, memory_format=run.memory_format),
+        torch.from_numpy(real_labels).to(run.device) if run.config.model.num_classes else None, run.config.step,
+        noise, run.autocast_dtype,
+    )
+
+
+def evaluation_due(config: LoopConfig, done: int) -> bool:
+    return done % config.health.check_every == 0 or done == config.steps
+
+
+def report_due(config: LoopConfig, done: int, losses: dict[str, float]) -> bool:
+    """Report at log_every, at each evaluation, at the end, and at once when gradients explode."""
+    return (done % config.log_every == 0 or done == config.steps or evaluation_due(config, done)
+            or gradients_exploded(losses, config.health))
+
+
+def judge(run: WorkerRun, done: int, losses: dict[str, float], window: Window) -> tuple[dict, str | None]:
+    """The report's metrics (losses, speed, resources and, when due, the EMA evaluation) and the verdict that
+    every worker shares. Only here do the workers compare, so the steps between reports add no communication."""
+    health = run.config.health
+    problem = all_workers_agree(health_problem(done, losses, health), run.device)
+    elapsed = time.perf_counter() - window.started
+    metrics = {"step": done, "images_per_second": window.steps * run.images_per_step * run.world_size / elapsed,
+               **losses, **resource_usage(run.device, time.process_time() - window.cpu_started, elapsed)}
+    if evaluation_due(run.config, done) and problem is None:
+        # Every worker evaluates the same EMA weights on the same latents, so all reach the same verdict.
+        metrics.update(evaluate_samples(run.state.ema.module, run.reference, run.config, run.device))
+        problem = all_workers_agree(health_problem(done, metrics, health), run.device)
+    if problem is None:
+        run.progress.history.append(metrics)
+    else:
+        metrics["health_error"] = problem
+    return metrics, problem
+
+
+def report(run: WorkerRun, metrics: dict, problem: str | None) -> None:
     """ray.train.report on every worker (equally often); rank 0 attaches a checkpoint when one is due.
 
     An unhealthy stop is checkpointed too: it becomes the run's result (so the driver refuses to
     export it) and a re-run with the same params ends at once instead of training into it again.
     """
-    done = metrics["step"]
-    wants_checkpoint = config.checkpoint_every and (
-        done % config.checkpoint_every == 0 or done == config.steps or problem is not None)
+    done, config = metrics["step"], run.config
+    wants_checkpoint = done % config.checkpoint_every == 0 or done == config.steps or problem is not None
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
-        if wants_checkpoint and rank == 0:
+        if wants_checkpoint and run.rank == 0:
             checkpoint = save_checkpoint(Path(directory), {
-                **state.state_dict(),
+                **run.state.state_dict(),
                 "step": done,
-                "history": progress.history,
+                "history": run.progress.history,
                 "torch_rng": torch.get_rng_state(),
-                "restores": progress.restores,  # steps this run was restored at: provenance of resumed runs
+                "restores": run.progress.restores,  # steps this run was restored at: provenance of resumed runs
                 "health_error": problem,
                 "health_metrics": metrics,
                 "config": config.describe(),
@@ -289,70 +391,19 @@ def report(state: TrainingState, progress: Progress, metrics: dict, problem: str
 
 
 def gan_train_loop(raw_config: dict) -> None:
-    """Restore, wrap, then step; at each report judge health, evaluate, report and checkpoint."""
+    """Start (restore, wrap), then step; at each report judge health, evaluate, report and checkpoint."""
     quiet_worker_logs()
-    config = LoopConfig(**raw_config)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    reference = ray.get(config.reference)
-    state = TrainingState.create(config.model, config.optimizer(), config.ema_decay, config.seed)
-    progress = restore(state, config, rank)
-    if progress is None:
+    run = start(LoopConfig(**raw_config))
+    if run is None:
         return
-    memory_format, autocast_dtype = wrap_for_device(state, device)
-    images_per_step = config.batch_size * config.step.critic_steps
-    batches = ShardedBatches(list(config.shard_counts), lambda shard: decode_shard(ray.get(config.data[shard])),
-                             images_per_step, config.seed, rank, world_size)
-    noise = torch.Generator(device="cpu")
-    window_start, window_cpu, window_steps = time.perf_counter(), time.process_time(), 0
-    for step in range(progress.step, config.steps):
-        real_images, real_labels = batches.batch(step)
-        noise.manual_seed(step_noise_seed(config.seed, step, rank))
-        losses = state.iteration(
-            from_uint8(real_images).to(device, memory_format=memory_format),
-            torch.from_numpy(real_labels).to(device) if config.model.num_classes else None, config.step,
-            noise, autocast_dtype,
-        )
-        window_steps, done = window_steps + 1, step + 1
-        wants_eval = config.eval_every and (done % config.eval_every == 0 or done == config.steps)
-        if (done % config.report_every and done != config.steps and not wants_eval
-                and not gradients_exploded(losses, config)):
+    window = Window()
+    for step in range(run.progress.step, run.config.steps):
+        losses = train_step(run, step)
+        window.steps += 1
+        if not report_due(run.config, step + 1, losses):
             continue
-
-        # Only here do the workers compare verdicts, so the steps between reports add no communication.
-        problem = all_workers_agree(health_problem(done, losses, config), device)
-        elapsed = time.perf_counter() - window_start
-        metrics = {"step": done, "images_per_second": window_steps * images_per_step * world_size / elapsed,
-                   **losses, **resource_usage(device, time.process_time() - window_cpu, elapsed)}
-        if wants_eval and problem is None:
-            # Every worker evaluates the same EMA weights on the same latents, so all reach the same verdict.
-            metrics.update(evaluate_samples(state.ema.module, reference, config, device))
-            problem = all_workers_agree(health_problem(done, metrics, config), device)
-        if problem is None:
-            progress.history.append(metrics)
-        else:
-            metrics["health_error"] = problem
-        report(state, progress, metrics, problem, config, rank)
+        metrics, problem = judge(run, step + 1, losses, window)
+        report(run, metrics, problem)
         if problem is not None:
             return
-        window_start, window_cpu, window_steps = time.perf_counter(), time.process_time(), 0
-
-
-def real_feature_reference(classifier: Classifier, images: np.ndarray, labels: np.ndarray,
-                           diversity_samples: int = 1000) -> dict:
-    """Featurenet, the Gaussian statistics of real images (domain-FID) and a sample of their features with
-    their labels (diversity, over all and within each class)."""
-    features, _ = extract(classifier, from_uint8(images))
-    mu, sigma = gaussian_statistics(features)
-    keep = np.random.default_rng(0).permutation(len(features))[:diversity_samples]
-    return {"classifier": classifier.cpu().eval(), "mu": mu, "sigma": sigma, "features": features[keep],
-            "classes": labels[keep]}
-
-
-def publish_training_data(prepared: Path) -> tuple[tuple[tuple, tuple[int, ...]], Any, dict[str, int]]:
-    """What tune and train hand their workers: the train shards in the object store, the domain-FID
-    reference (featurenet + held-out statistics) as an object, and the model shape of the data."""
-    test_images, test_labels = load_split(prepared, "test", limit=REFERENCE_IMAGES)
-    reference = ray.put(real_feature_reference(load_featurenet(), test_images, test_labels))
-    return put_shards(shard_files(prepared, "train")), reference, model_shape(read_manifest(prepared))
+        window = Window()

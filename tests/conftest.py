@@ -72,7 +72,8 @@ TINY_OVERRIDES = {
     "train": {"num_workers": 2, "batch_size": 16, "steps": 24, "log_every": 8, "checkpoint_every": 8,
               # A tiny model's samples are poor by design: check them, but never stop the run for it.
               "health": {"max_grad_norm": 1e4, "check_every": 8, "warmup_steps": 0, "samples": 64,
-                         "min_class_coverage": 0.0, "min_diversity": 0.0, "min_conditional_accuracy": 0.0}},
+                         "min_class_coverage": 0.0, "min_diversity": 0.0, "min_conditional_accuracy": 0.0,
+                         "seed": 12345}},
     "tune": {"num_samples": 2, "steps": 16, "report_every": 8, "eval_samples": 64},
     "eval": {"num_samples": 64, "kid_subset_size": 32, "kid_subsets": 10, "bootstrap_resamples": 5, "grid_size": 16,
              "is_splits": 2},

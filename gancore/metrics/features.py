@@ -4,6 +4,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gancore.metrics.fid import gaussian_statistics
+
 
 @torch.no_grad()
 def extract(classifier: nn.Module, images: torch.Tensor, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -20,3 +22,17 @@ def extract(classifier: nn.Module, images: torch.Tensor, batch_size: int = 256) 
     finally:
         classifier.train(was_training)
     return torch.cat(features).numpy(), torch.cat(probs).numpy()
+
+
+def reference_statistics(features: np.ndarray, labels: np.ndarray, keep: int = 1000) -> dict[str, np.ndarray]:
+    """What samples are compared against while training: the Gaussian statistics of real features
+    (domain-FID) and a fixed random subset of `keep` features with their labels (diversity checks)."""
+    mu, sigma = gaussian_statistics(features)
+    subset = np.random.default_rng(0).permutation(len(features))[:keep]
+    return {"mu": mu, "sigma": sigma, "features": features[subset], "classes": labels[subset]}
+
+
+def feature_reference(classifier: nn.Module, images: torch.Tensor, labels: np.ndarray) -> dict:
+    """The classifier and reference_statistics of real `images` (in [-1, 1]) in its feature space."""
+    features, _ = extract(classifier, images)
+    return {"classifier": classifier.cpu().eval(), **reference_statistics(features, labels)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
+from ray.job_submission import JobSubmissionClient
 
 from conftest import REPO, SECRET_ACCESS_KEY, free_port, tiny_params
 from pipelines.cli import UPLOAD_DEFAULT_EXCLUDES
@@ -250,5 +252,14 @@ def test_ray_job_submit_runs_the_pipeline_on_a_cluster(ray_head, seeded_bucket, 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["featurenet"]["epochs"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    via_cli = run(["gan", "submit", "--address", ray_head, "--entrypoint", "dvc repro featurenet"], repo, timeout=600)
+    # Credentials a user may have: a token in the git remote, CI's extraheader, a password in the tracking URI.
+    run(["git", "config", "remote.origin.url", f"https://ci:{SECRET_ACCESS_KEY}@git.example/gan.git"], repo)
+    run(["git", "config", "http.extraheader", f"AUTHORIZATION: bearer {SECRET_ACCESS_KEY}"], repo)
+    show = "echo tracking=$MLFLOW_TRACKING_URI; cat .git/config 2>/dev/null || echo no git config uploaded"
+    via_cli = run(["gan", "submit", "--address", ray_head, "--entrypoint", f"dvc repro featurenet && {show}"], repo,
+                  timeout=600, MLFLOW_TRACKING_URI=f"http://user:{SECRET_ACCESS_KEY}@127.0.0.1:5000")
     assert "Running stage 'featurenet'" in via_cli.stdout and "SUCCEEDED" in via_cli.stdout
+    assert "no git config uploaded" in via_cli.stdout and "tracking=http://127.0.0.1:5000" in via_cli.stdout
+    submission = re.search(r"submitted (gan-\S+)", via_cli.stdout).group(1)
+    runtime_env = JobSubmissionClient(ray_head).get_job_info(submission).runtime_env
+    assert SECRET_ACCESS_KEY not in via_cli.stdout + via_cli.stderr + json.dumps(runtime_env), "a credential leaked"

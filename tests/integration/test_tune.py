@@ -7,33 +7,23 @@ import itertools
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import ray
-import torch
 import yaml
 from conftest import tiny_params
-from toy_training import blobs
+from toy_training import TOY_SHAPE, toy_data
 
-from gancore.models.classifier import Classifier
 from pipelines.config import ConfigError, parse_params
-from pipelines.ray_runtime import put_shards
-from pipelines.shards import encode_shards
 from pipelines.tune import BEST_PARAMS_FILE, TRIALS_FILE, SynchronousHalving, run_search, write_outputs
-from pipelines.worker import load_checkpoint, real_feature_reference
+from pipelines.worker import load_checkpoint
 
 
 def tuned(tmp_path: Path, **tune_settings) -> tuple[dict, pd.DataFrame, list]:
     """Run tune's search on toy images (scored by an untrained featurenet) in tmp_path; return best_params.yaml,
     trials.csv and the Tune results."""
     params = parse_params(tiny_params(tune=tune_settings, train={"storage_path": str(tmp_path / "ray")}))
-    images = blobs()
-    labels = np.arange(len(images), dtype=np.int64) % 2  # two arbitrary classes
-    torch.manual_seed(0)
-    reference = ray.put(real_feature_reference(Classifier(1, 16, 10, 32), images, labels))
-    shards = put_shards(encode_shards(images, labels, shard_size=40))
-    results = run_search(params, shards, reference, {"channels": 1, "image_size": 16, "num_classes": 2})
+    results = run_search(params, *toy_data(), TOY_SHAPE)
     write_outputs(results, params.tune)
     return yaml.safe_load(BEST_PARAMS_FILE.read_text()), pd.read_csv(TRIALS_FILE), list(results)
 

@@ -13,12 +13,13 @@ import numpy as np
 import ray
 import torch
 
+from gancore.images import from_uint8
+from gancore.metrics.features import feature_reference
 from gancore.models.classifier import Classifier
 from pipelines.config import Params, parse_params
 from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
 from pipelines.train import completed_state, fit
-from pipelines.worker import real_feature_reference
 
 
 def blobs(count: int = 96, size: int = 16) -> np.ndarray:
@@ -31,15 +32,22 @@ def blobs(count: int = 96, size: int = 16) -> np.ndarray:
     return images
 
 
-def toy_fit(params: Params, name: str):
-    """fit() on the toy images, scored by an untrained featurenet (only the plumbing is under test)."""
+TOY_SHAPE = {"channels": 1, "image_size": 16, "num_classes": 2}
+
+
+def toy_data() -> tuple[tuple[tuple, tuple[int, ...]], ray.ObjectRef]:
+    """The toy images in the object store (40 + 40 + 16 per shard: batches straddle shards) and their
+    reference in an untrained featurenet's space (only the plumbing is under test)."""
     images = blobs()
     labels = np.arange(len(images), dtype=np.int64) % 2  # two arbitrary classes
     torch.manual_seed(0)
-    reference = real_feature_reference(Classifier(1, 16, 10, 32), images, labels)
-    shards = put_shards(encode_shards(images, labels, shard_size=40))  # 40 + 40 + 16: batches straddle shards
-    shape = {"channels": 1, "image_size": 16, "num_classes": 2}
-    return fit(params, shards, ray.put(reference), shape, params.train.optimizer(), name=name)
+    reference = feature_reference(Classifier(1, 16, 10, 32), from_uint8(images), labels)
+    return put_shards(encode_shards(images, labels, shard_size=40)), ray.put(reference)
+
+
+def toy_fit(params: Params, name: str):
+    """fit() on the toy images."""
+    return fit(params, *toy_data(), TOY_SHAPE, params.train.optimizer(), name=name)
 
 
 def training_worker_nodes() -> list[str]:

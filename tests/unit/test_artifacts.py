@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import ray.train
 import torch
@@ -9,8 +10,9 @@ import yaml
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from conftest import tiny_params
+from gancore.metrics.features import reference_statistics
 from gancore.models.classifier import Classifier
-from pipelines.artifacts import ArtifactError, load_featurenet, save_featurenet
+from pipelines.artifacts import ArtifactError, load_featurenet, load_reference, save_featurenet
 from pipelines.config import ConfigError, parse_params
 from pipelines.train import tuned_optimizer, worker_errors
 from pipelines.worker import CHECKPOINT_FILE, load_checkpoint
@@ -29,9 +31,15 @@ class Planted:
 def test_featurenet_round_trips_and_a_planted_pickle_is_refused_unexecuted(tmp_path):
     torch.manual_seed(0)
     classifier = Classifier(1, 16, num_classes=3, feature_dim=8)
-    save_featurenet(classifier, tmp_path / "featurenet.pt", test_accuracy=0.5)
+    features = np.random.default_rng(0).normal(size=(40, 8))
+    stats = reference_statistics(features, np.arange(40) % 3, keep=10)
+    save_featurenet(classifier, 0.5, stats, tmp_path / "featurenet.pt")
     loaded = load_featurenet(tmp_path / "featurenet.pt")
     assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), loaded.state_dict().values()))
+    reference = load_reference(tmp_path / "featurenet.pt")
+    assert set(reference) == {"classifier", "mu", "sigma", "features", "classes"}
+    np.testing.assert_array_equal(reference["mu"], features.mean(axis=0))  # the held-out statistics, not recomputed
+    assert reference["features"].shape == (10, 8) and reference["classes"].dtype == np.int64
 
     marker = tmp_path / "ran"
     torch.save({"state_dict": Planted(marker), "hyper": {}}, tmp_path / "planted.pt")

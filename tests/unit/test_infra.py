@@ -1,12 +1,15 @@
-"""The cluster files in infra/: Ray's own validation, GPU workers, the Makefile's torch pin, no literal secrets."""
+"""The cluster files in infra/: Ray's validation, GPU workers, the torch pin, token auth, no literal secrets."""
 
 import copy
 import inspect
 import re
+import shlex
+from pathlib import Path
 
 import pytest
 import ray
 import yaml
+from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _get_default_token_path
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
 from conftest import REPO
@@ -25,6 +28,9 @@ GPU_INSTANCES = {
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 SECRET_VALUE = re.compile(r"(?i)(?:secret_access_key|session_token)['\"]?\s*[:=]\s*['\"]?[A-Za-z0-9/+=]{16,}")
+# The shape of `ray get-auth-token --generate` and `openssl rand -hex 32`, and a token assigned on a command line.
+HEX_TOKEN = re.compile(r"\b[0-9a-fA-F]{32,}\b")
+TOKEN_ASSIGNMENT = re.compile(r"\bRAY_AUTH_TOKEN\s*=\s*(?!\$)\S")
 RAY_GPU_IMAGE = re.compile(rf"rayproject/ray:{re.escape(ray.__version__)}-py3\d+-(?:gpu|cu\d+)")
 
 
@@ -42,6 +48,18 @@ def project_name() -> str:
 def assert_no_literal_credentials(text: str) -> None:
     assert not ACCESS_KEY_ID.search(text), "an AWS access key id is written in the file"
     assert not SECRET_VALUE.search(text), "an AWS secret is written in the file"
+
+
+def assert_no_literal_auth_token(text: str) -> None:
+    assert not HEX_TOKEN.search(text), "a Ray auth token is written in the file"
+    assert not TOKEN_ASSIGNMENT.search(text), "RAY_AUTH_TOKEN is given a value in the file"
+
+
+def ray_start_environment(command: str) -> dict[str, str]:
+    """The NAME=value words in front of `ray start` in one shell command line."""
+    segment = next(part for part in re.split(r";|&&|\|\|", command) if re.search(r"\bray start\b", part))
+    words = shlex.split(segment)
+    return dict(word.split("=", 1) for word in words[:words.index("ray")])
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +133,31 @@ def test_cluster_gets_s3_access_from_instance_profiles_only(cluster):
         assert node["node_config"].get("IamInstanceProfile"), f"{name} has no instance profile for S3"
 
 
+def test_cluster_starts_every_node_with_token_auth(cluster):
+    prepared = prepare_config(copy.deepcopy(cluster))
+    for role in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [command for command in prepared[role] if re.search(r"\bray start\b", command)]
+        assert starts, f"{role}: no `ray start`"
+        for command in starts:
+            env = ray_start_environment(command)
+            assert env.get(AUTH_MODE_ENV_VAR) == "token", f"{role}: `ray start` without {AUTH_MODE_ENV_VAR}=token"
+            # On a command line the token would show in `ps`, shell history and the launcher's logs.
+            assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(env), f"{role}: token set on the command line"
+
+
+def test_cluster_copies_the_launching_machines_token_to_rays_default_path(cluster):
+    """No token in the file: every node gets the launching machine's ~/.ray/auth_token where Ray looks for it."""
+    remote = next((remote for remote, local in cluster["file_mounts"].items()
+                   if Path(remote).expanduser() == _get_default_token_path()), None)
+    assert remote, "no file mount puts the token where Ray reads it"
+    assert Path(cluster["file_mounts"][remote]).expanduser() == _get_default_token_path()
+
+
+@pytest.mark.parametrize("path", [CLUSTER_FILE, RAYJOB_FILE], ids=lambda path: path.name)
+def test_no_auth_token_is_committed(path):
+    assert_no_literal_auth_token(path.read_text())
+
+
 def test_rayjob_runs_the_pipeline_like_gan_submit(rayjob):
     assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
     submit_entrypoint = inspect.signature(cli.submit).parameters["entrypoint"].default.default
@@ -136,6 +179,16 @@ def test_rayjob_has_an_autoscaled_gpu_worker_group(rayjob):
         assert 0 <= group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
         tolerated = {toleration["key"] for toleration in group["template"]["spec"].get("tolerations", [])}
         assert "nvidia.com/gpu" in tolerated, f"{group['groupName']} cannot schedule on tainted GPU nodes"
+
+
+def test_rayjob_cluster_uses_token_auth_from_a_secret(rayjob):
+    """KubeRay generates the token into a Secret and sets mode and token on every Ray container and the submitter."""
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    for name, container in containers(rayjob).items():
+        env = {entry["name"]: entry for entry in container.get("env", [])}
+        mode, token = env.get(AUTH_MODE_ENV_VAR), env.get("RAY_AUTH_TOKEN")
+        assert mode is None or mode.get("value") == "token", f"{name}: overrides the auth mode KubeRay sets"
+        assert token is None or "secretKeyRef" in token.get("valueFrom", {}), f"{name}: token not from a Secret"
 
 
 def test_rayjob_runs_the_installed_ray_version(rayjob):
