@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -37,31 +38,75 @@ def mlflow_error(what: str, error: Exception, fix: str) -> UserError:
     return UserError(f"{what}: {reason}; {fix}")
 
 
+ALIAS = typer.Option("champion", help="alias to move")
+MODEL_NAME = typer.Option(None, help="registered model name (default: register.model_name)")
+
+
+def registry(name: str | None):
+    """(client, settings, model name) for the registry commands. Params first: outside the repository
+    nothing (no mlflow.db) is created."""
+    from pipelines.config import load_params
+    from pipelines.tracking import configure_mlflow
+
+    settings = load_params().register
+    return configure_mlflow(create=False), settings, name or settings.model_name
+
+
+@contextmanager
+def registry_errors(what: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        raise mlflow_error(what, error, "check the model name and version in the MLflow UI") from None
+
+
 @app.command()
 def promote(
     version: str = typer.Argument(..., help="model version to promote"),
-    alias: str = typer.Option("champion", help="alias to move"),
-    name: str = typer.Option(None, help="registered model name (default: register.model_name)"),
-    force: bool = typer.Option(False, help="move the alias even when the version does not beat the holder"),
+    alias: str = ALIAS,
+    name: str = MODEL_NAME,
+    force: bool = typer.Option(False, help="move the alias past the gate (health, quality floor, comparability,"
+                                           " beating the holder beyond noise)"),
 ) -> None:
-    """Move an alias (default champion) to a version, gated on the register.gate_metric unless --force."""
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.config import load_params
-    from pipelines.register import configure_mlflow, promote as gated_promote
+    """Move an alias (default champion) to a version, through the champion gate unless --force."""
+    from pipelines.promotion import promote as gated_promote, promotion_lock
 
     if not version.isdigit():
         raise UserError(f"model version {version!r} is not a version number; pass one such as 3")
-    settings = load_params().register  # first: outside the repository nothing (no mlflow.db) is created
-    client = configure_mlflow(create=False)
-    try:
-        moved, message = gated_promote(client, name or settings.model_name, version, settings.gate_metric,
-                                       alias=alias, force=force)
-    except MlflowException as error:
-        raise mlflow_error(f"cannot promote version {version} of {name or settings.model_name}", error,
-                           "check the model name and version in the MLflow UI") from None
+    client, settings, model_name = registry(name)
+    with registry_errors(f"cannot promote version {version} of {model_name}"), promotion_lock(client, model_name):
+        moved, message = gated_promote(client, model_name, version, settings, reason="gan promote", alias=alias,
+                                       force=force)
     typer.echo(message)
     raise typer.Exit(0 if moved else 1)
+
+
+@app.command()
+def rollback(alias: str = ALIAS, name: str = MODEL_NAME) -> None:
+    """Give the alias back to the version that held it before its latest move."""
+    from pipelines.promotion import promotion_lock, rollback as roll_back
+
+    client, _, model_name = registry(name)
+    with registry_errors(f"cannot roll back {alias} of {model_name}"), promotion_lock(client, model_name):
+        typer.echo(roll_back(client, model_name, alias))
+
+
+@app.command()
+def history(name: str = MODEL_NAME) -> None:
+    """Every alias move of the model: when, which version, the one before, why, and by whom."""
+    from pipelines.promotion import history as moves
+
+    client, _, model_name = registry(name)
+    with registry_errors(f"cannot read the history of {model_name}"):
+        recorded = moves(client, model_name)
+    for move in recorded:
+        before = f"version {move['previous']}" if move["previous"] else "nobody"
+        typer.echo(f"{move['time']}  {move['alias']}: {before} -> version {move['version']}  ({move['reason']};"
+                   f" {move['by']})")
+    if not recorded:
+        typer.echo(f"no alias of {model_name} has moved yet")
 
 
 @app.command()
@@ -78,7 +123,7 @@ def generate(
 
     from gancore.step import generate_images
     from pipelines.evaluate import save_grid
-    from pipelines.register import configure_mlflow
+    from pipelines.tracking import configure_mlflow
 
     if not model.startswith(("models:/", "runs:/")):
         raise UserError(f"--model {model!r} is not an MLflow model URI; use models:/<name>@<alias>,"

@@ -42,6 +42,7 @@ class DataParams(Section):
     source: str
     image_size: int
     channels: Literal[1, 3]
+    background: Literal["white", "black"]
     test_fraction: Fraction
     shard_size: PositiveInt
     split_seed: int
@@ -302,6 +303,8 @@ class RegisterParams(Section):
     model_name: Annotated[str, Field(min_length=1)]
     experiment: Annotated[str, Field(min_length=1)]
     gate_metric: str
+    min_improvement: NonNegativeFloat
+    max_fid_ratio: Annotated[float, Field(ge=1)]
 
     @field_validator("gate_metric")
     @classmethod

@@ -216,6 +216,7 @@ def _manifest(
         "source": data.source,
         "image_size": data.image_size,
         "channels": data.channels,
+        "background": data.background,
         "resize_filter": ImageShape.of(data).resize_filter.name,
         "crop": CROP,
         "test_fraction": data.test_fraction,
@@ -242,7 +243,8 @@ def _manifest(
 def _dataset_hash(data: DataParams, examples: list[Example]) -> str:
     """Identifies the prepared arrays: contents, labels, split and shape, but not object names."""
     filter_name = ImageShape.of(data).resize_filter.name
-    shape = f"image_size={data.image_size} channels={data.channels} filter={filter_name} crop={CROP}\n"
+    shape = (f"image_size={data.image_size} channels={data.channels} filter={filter_name} crop={CROP}"
+             f" background={data.background}\n")
     digest = hashlib.sha256(shape.encode())
     for example in sorted(examples, key=lambda example: example.image.sha256):
         digest.update(f"{example.image.sha256} {example.split} {example.label}\n".encode())

@@ -1,7 +1,8 @@
-"""Stage register: log the run to MLflow, register a model version, gate the champion alias.
+"""Stage register: log the evaluated model to MLflow, register one version per lineage, gate `champion`.
 
-A version is identified by its lineage (data, code, params, weights): re-running
-on unchanged inputs finds the existing version instead of creating a duplicate.
+A version is identified by its lineage (data, params, weights): re-running on unchanged inputs finds the
+existing version instead of creating a duplicate. Registration and every alias move happen under a
+registry-wide lock (pipelines/promotion.py), so parallel registrations cannot both "beat" the same champion.
 """
 
 from __future__ import annotations
@@ -9,87 +10,51 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import gancore
-from gancore.metrics import SET_METRICS
 from gancore.models.sampler import Sampler
-from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
-                                 VERSION_FILE, ArtifactError, load_generator)
+from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, FEATURENET_FILE, HISTORY_FILE, MODEL_DIR,
+                                 PREPARED_DIR, SAMPLES_FILE, VERSION_FILE, ArtifactError, load_generator)
 from pipelines.config import Params, load_params
-from pipelines.errors import UserError, run_main
 from pipelines.dataset import read_manifest
+from pipelines.errors import run_main
+from pipelines.promotion import CHALLENGER, CHAMPION, alias_holder, promote, promotion_lock
 from pipelines.storage import sha256_file, write_json_atomic
+from pipelines.tracking import (DVC_LOCK_FILE, child_run, configure_mlflow, file_hash, git_commit,
+                                pipeline_run)
 from pipelines.uris import redact_credentials
 
 ARTIFACTS = (SAMPLES_FILE, CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR / "config.json",
              PREPARED_DIR / "manifest.json")
-DEFAULT_STORE = Path("mlflow.db")
-CHALLENGER, CHAMPION = "challenger", "champion"
+# Creating a version is not idempotent: a server that does it and then answers 5xx is asked again only after
+# a search for the lineage, so the retry finds the version instead of creating a second one.
+CREATE_ATTEMPTS = 3
 
 
-def configure_mlflow(create: bool = True) -> MlflowClient:
-    """MLFLOW_TRACKING_URI when set (a server, which must answer), else a sqlite store in the working directory;
-    without `create`, a missing local store is an error rather than a new empty one."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and uri.startswith(("http://", "https://")):
-        check_server(uri)
-    if not uri and not create and not DEFAULT_STORE.is_file():
-        raise UserError(f"no MLflow store here ({DEFAULT_STORE} is missing): run from the repository after"
-                        " `dvc repro register`, or set MLFLOW_TRACKING_URI to your tracking server")
-    # An absolute path: MLflow caches stores by URI, and a relative one would outlive a change of directory.
-    mlflow.set_tracking_uri(uri or f"sqlite:///{DEFAULT_STORE.resolve()}")
-    return MlflowClient()
-
-
-def check_server(uri: str, timeout: float = 10.0) -> None:
-    """Fail at once with the fix when the tracking server does not answer, instead of after MLflow's retries."""
-    try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).raise_for_status()
-    except requests.RequestException as error:
-        raise UserError(f"the MLflow tracking server at {redact_credentials(uri)} does not answer"
-                        f" ({type(error).__name__}); start it, fix MLFLOW_TRACKING_URI, or unset it to use the"
-                        f" local store {DEFAULT_STORE}") from None
-
-
-def ensure_experiment(name: str) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # With the local sqlite default, artifacts go next to it rather than in the server's default root.
-    location = None if "MLFLOW_TRACKING_URI" in os.environ else Path("mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")
-
-
-def lineage(params: Params, manifest: dict, model_config: dict) -> dict[str, str]:
+def lineage(params: Params, manifest: dict, model_config: dict, metrics: dict) -> dict[str, str]:
+    """The version's tags: what made it, and what its scores can be compared with (same data, feature space, N)."""
     shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(),
                "optimizer": model_config["optimizer"], "eval": params.eval.model_dump()}
     return {
         "git_commit": git_commit(),
         "dataset_hash": manifest["dataset_hash"],
+        "featurenet_sha256": sha256_file(FEATURENET_FILE),
+        "eval_n": str(metrics["n"]),
+        "health": model_config.get("health", "unknown"),
         "params_hash": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
         "generator_sha256": sha256_file(MODEL_DIR / "generator_ema.pt"),
-        "ray_run_name": model_config["ray_run_name"],
-        "ray_job_id": model_config["ray_job_id"],
-        "ray_submission_id": model_config["ray_submission_id"],
+        **{key: str(model_config.get(key, "")) for key in ("ray_run_name", "ray_job_id", "ray_submission_id",
+                                                            "mlflow_train_run_id")},
     }
 
 
@@ -99,38 +64,11 @@ def lineage_key(tags: dict[str, str]) -> str:
     return hashlib.sha256("|".join(identity).encode()).hexdigest()
 
 
-def gate_value(client: MlflowClient, name: str, version: str, metric: str) -> float:
-    run = client.get_run(client.get_model_version(name, version).run_id)
-    if metric not in run.data.metrics:
-        raise MlflowException(f"version {version} of {name} has no metric {metric!r} to compare")
-    return run.data.metrics[metric]
-
-
-def promote(client: MlflowClient, name: str, version: str, metric: str, alias: str = CHAMPION,
-            force: bool = False) -> tuple[bool, str]:
-    """Point `alias` at `version` when its metric beats the current holder's (in the registry's direction)."""
-    try:
-        current = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        current = None
-    if current is not None and str(current.version) == str(version):
-        return False, f"{alias} already is version {version}"
-    candidate = gate_value(client, name, version, metric)
-    if current is not None and not force:
-        holder = gate_value(client, name, current.version, metric)
-        if not SET_METRICS[metric].better(candidate, holder):
-            return False, (f"version {version} ({metric} {candidate:.4f}) does not beat {alias} version"
-                           f" {current.version} ({metric} {holder:.4f}); {alias} unchanged (use --force to override)")
-    client.set_registered_model_alias(name, alias, str(version))
-    previous = f" (was version {current.version})" if current is not None else ""
-    return True, f"{alias} -> version {version} ({metric} {candidate:.4f}){previous}"
-
-
 def find_version(client: MlflowClient, name: str, key: str):
-    """The version already holding this lineage, or None. A failed search is an error, not "none": taking it
-    for "not found" would register the same model twice when the server has a bad moment."""
+    """The version already holding this lineage (the oldest, should there be more), or None. A failed search
+    is an error, not "none": taking it for "not found" would register the same model twice."""
     found = client.search_model_versions(f"name = '{name}' and tags.lineage_key = '{key}'")
-    return found[0] if found else None
+    return min(found, key=lambda version: int(version.version)) if found else None
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
@@ -149,17 +87,18 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
-def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torch.nn.Module):
+def log_model_run(params: Params, metrics: dict, tags: dict[str, str], generator: torch.nn.Module, run_id: str):
+    """The register run: params, lineage tags, artifacts, the logged model and the evaluation metrics linked
+    to it (MLflow 3's model id), so the model's page shows its scores."""
     flat_params = {f"{section}.{key}": value for section in ("data", "model", "train", "eval")
                    for key, value in getattr(params, section).model_dump().items()}
     sampler = Sampler(generator).eval()
     example = sampler.example_inputs(4)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), sampler(example).numpy())
-    with mlflow.start_run(experiment_id=ensure_experiment(params.register.experiment)) as run:
+    with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(tags)
         mlflow.log_params(flat_params)
-        mlflow.log_metrics(flat_metrics(metrics))
         for artifact in ARTIFACTS:
             mlflow.log_artifact(str(artifact))
         # A pickled nn.Module with gancore bundled loads back as gancore's Sampler (sampling needs its
@@ -169,7 +108,58 @@ def log_run(params: Params, metrics: dict, tags: dict[str, str], generator: torc
             serialization_format="pickle", code_paths=[str(Path(gancore.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-    return run, model
+        mlflow.log_metrics(flat_metrics(metrics), model_id=model.model_id)
+    return model
+
+
+@contextmanager
+def without_http_retries() -> Iterator[None]:
+    """MLflow's HTTP client retries any request after a 5xx, POSTs included: a create the server did before
+    failing would be done twice. Here the caller retries, after looking for what the first attempt made."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def create_version(client: MlflowClient, name: str, model, run_id: str, tags: dict[str, str]):
+    """One version for this lineage, even when the server fails after creating it."""
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        if attempt > 1 and (found := find_version(client, name, tags["lineage_key"])) is not None:
+            print(f"[register] the server failed after creating version {found.version}; using it", flush=True)
+            return found
+        try:
+            with without_http_retries():
+                return client.create_model_version(name, model.model_uri, run_id=run_id, tags=tags,
+                                                   model_id=model.model_id)
+        except MlflowException:
+            if attempt == CREATE_ATTEMPTS:
+                raise
+            time.sleep(2 ** attempt)
+
+
+def register_version(client: MlflowClient, params: Params, metrics: dict, tags: dict[str, str], parent: str,
+                     generator: torch.nn.Module):
+    """The version holding this lineage: found, or logged and created. Under the promotion lock."""
+    name = params.register.model_name
+    version = find_version(client, name, tags["lineage_key"])
+    if version is not None:
+        print(f"[register] unchanged inputs: {name} version {version.version} already holds this model")
+        return version
+    run_id = child_run(client, parent, "register", f"register {tags['lineage_key'][:8]}")
+    model = log_model_run(params, metrics, tags, generator, run_id)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = create_version(client, name, model, run_id, tags)
+    print(f"[register] run {run_id} -> {name} version {version.version}")
+    return version
 
 
 def main() -> None:
@@ -178,25 +168,23 @@ def main() -> None:
     if not EVAL_METRICS_FILE.is_file():
         raise ArtifactError(f"{EVAL_METRICS_FILE} is missing; run `dvc repro evaluate` first")
     metrics = json.loads(EVAL_METRICS_FILE.read_text())
-    tags = lineage(params, read_manifest(PREPARED_DIR), model_config)
-    key = lineage_key(tags)
-    name = params.register.model_name
+    manifest = read_manifest(PREPARED_DIR)
+    tags = lineage(params, manifest, model_config, metrics)
+    tags["lineage_key"] = lineage_key(tags)
+    name, settings = params.register.model_name, params.register
     client = configure_mlflow()
-
-    version = find_version(client, name, key)
-    if version is not None:
-        print(f"[register] unchanged inputs: {name} version {version.version} already holds this model")
-    else:
-        run, model = log_run(params, metrics, tags, generator)
-        version = mlflow.register_model(model.model_uri, name, tags={"lineage_key": key, **tags})
-        print(f"[register] run {run.info.run_id} -> {name} version {version.version}")
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    _, message = promote(client, name, version.version, params.register.gate_metric)
+    with promotion_lock(client, name):
+        parent = pipeline_run(client, settings.experiment, manifest["dataset_hash"])
+        version = register_version(client, params, metrics, tags, parent, generator)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        _, message = promote(client, name, str(version.version), settings, reason="register")
+        champion = alias_holder(client, name, CHAMPION) == str(version.version)
     print(f"[register] {CHALLENGER} -> version {version.version}; {message}")
+    client.set_tag(parent, "dvc_lock_sha256", file_hash(DVC_LOCK_FILE))
+    client.set_terminated(parent, "FINISHED")
     write_json_atomic(VERSION_FILE, {
         "model_name": name, "version": int(version.version), "run_id": version.run_id,
-        "lineage_key": key,
-        "champion": str(client.get_model_version_by_alias(name, CHAMPION).version) == str(version.version),
+        "lineage_key": tags["lineage_key"], "champion": champion,
         "tracking_uri": redact_credentials(mlflow.get_tracking_uri()),
     })
 

@@ -3,8 +3,8 @@
 An object is an image file (PNG, JPEG or WebP), a tar shard of images (the WebDataset
 convention: members sharing a name up to the first dot form a sample, `.cls` holds its
 integer class), or an `.npz` archive (`images` with optional `labels`, or `x`/`y`,
-`x_train`/`y_train`...). Every image is centre-cropped to a square, resized with a PIL
-antialiased filter and converted to grayscale or RGB (alpha dropped).
+`x_train`/`y_train`...). Every image is composited over data.background where it is transparent,
+converted to grayscale or RGB, centre-cropped to a square and resized with a PIL antialiased filter.
 
 Memory per object is bounded by what the object declares, checked before the bytes are read
 (ImageShape.read_limit): an image object or a tar member is read whole only up to one image's
@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageColor, UnidentifiedImageError
 
 from pipelines.config import DataParams
 from pipelines.storage import StoredObject
 
 IMAGE_FORMATS = {"PNG", "JPEG", "MPO", "WEBP"}  # MPO: the multi-picture JPEG phones write
 IMAGE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}  # 8-bit grayscale or colour, with or without alpha
+ALPHA_MODES = {"LA", "RGBA"}  # with an alpha band; the other modes may name a transparent colour or palette entries
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 TAR_IMAGE_EXTENSIONS = {"png", "jpg", "jpeg", "webp"}
 ARRAY_CHANNELS = (1, 3, 4)
@@ -69,11 +70,16 @@ class ImageShape:
     resize_filter: Image.Resampling
     max_pixels: int
     min_side: int
+    background: str  # a colour name PIL knows (data.background: white or black), shown where images are transparent
 
     @classmethod
     def of(cls, data: DataParams) -> ImageShape:
         return cls(data.image_size, data.channels, Image.Resampling[data.resize_filter.upper()], data.max_image_pixels,
-                   data.min_image_side)
+                   data.min_image_side, data.background)
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
 
     @property
     def read_limit(self) -> int:
@@ -125,10 +131,27 @@ class ImageShape:
             raise Rejected(f"corrupt image: {error}") from None
         side = min(width, height)
         left, top = (width - side) // 2, (height - side) // 2
-        square = image.convert("L" if self.channels == 1 else "RGB").resize(
+        square = self.flatten(image).resize(
             (self.size, self.size), self.resize_filter, box=(left, top, left + side, top + side)
         )
         return np.asarray(square, dtype=np.uint8).reshape(self.size, self.size, self.channels)
+
+    def flatten(self, image: Image.Image) -> Image.Image:
+        """The image in the prepared mode, composited over the background where it has an alpha band, a transparent
+        colour (1, L or RGB with a tRNS colour key) or transparent palette entries (P with tRNS).
+
+        Before resizing: files keep arbitrary colours under fully transparent pixels (often streaks smeared from the
+        drawing to the border), which dropping alpha would show and the resize filter would blend into the edges."""
+        if image.mode not in ALPHA_MODES and "transparency" not in image.info:
+            return image.convert(self.mode)
+        if image.mode not in ALPHA_MODES:
+            image = image.convert("RGBA")  # PIL turns the colour key or palette alpha into an alpha band
+        flat = image.convert(self.mode)
+        # Paste weighs the fill by the mask, 255 - alpha: alpha 0 gives exactly the background whatever colour the
+        # file stores there, alpha 255 exactly the image's colour, and alpha in between their blend (the "over"
+        # operator). In grayscale the blend follows the luma conversion, which is linear, so the order is immaterial.
+        flat.paste(ImageColor.getcolor(self.background, self.mode), mask=ImageChops.invert(image.getchannel("A")))
+        return flat
 
 
 def read_samples(stored: StoredObject, stream: IO[bytes], shape: ImageShape) -> Iterator[Sample]:

@@ -15,8 +15,10 @@ import os
 import time
 from pathlib import Path
 
+import mlflow
 import ray
 import yaml
+from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -27,6 +29,8 @@ from pipelines.errors import UserError, run_main
 from pipelines.dataset import read_manifest
 from pipelines.ray_runtime import publish_training_data, require_resources, storage
 from pipelines.storage import sha256_file
+from pipelines.tracking import (child_run, configure_mlflow, fail, log_dataset, log_params, log_step_metrics,
+                                pipeline_run)
 from pipelines.worker import RUN_BUDGET, LoopConfig, gan_train_loop, load_checkpoint
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -116,7 +120,22 @@ def run_name(params: Params, optimizer: dict, inputs: dict[str, str]) -> str:
     return f"train-{digest}"
 
 
-def fit(params: Params, shards, reference_ref, shape: dict, optimizer: dict, name: str):
+class StepMetrics(UserCallback):
+    """Each report of rank 0 (losses, img/s, CPU/GPU use and, at checks, the domain-FID) as MLflow step
+    metrics of the training run while it trains. Runs in the Ray Train controller, so it reaches the
+    tracking store by URI."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        report = metrics[0]
+        log_step_metrics(MlflowClient(self.tracking_uri), self.run_id,
+                         {key: value for key, value in report.items() if key != "step"}, report["step"])
+
+
+def fit(params: Params, shards, reference_ref, shape: dict, optimizer: dict, name: str,
+        callbacks: tuple[UserCallback, ...] = ()):
     budget = {key: getattr(params.train, key) for key in RUN_BUDGET}
     loop = LoopConfig.from_params(params, shards, reference_ref, shape, optimizer, **budget)
     storage_path, filesystem = storage(params.train.storage_path)
@@ -130,7 +149,7 @@ def fit(params: Params, shards, reference_ref, shape: dict, optimizer: dict, nam
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_kept),
-            callbacks=[ProgressLine(params.train.steps)],
+            callbacks=[ProgressLine(params.train.steps), *callbacks],
         ),
     )
     return trainer.fit()
@@ -153,29 +172,51 @@ def completed_state(result) -> dict:
     return state
 
 
-def train(params: Params) -> tuple[dict, str]:
-    """The finished run's final checkpoint and its Ray run name."""
-    manifest = read_manifest(PREPARED_DIR)
-    optimizer = tuned_optimizer(params)
-    name = run_name(params, optimizer, run_inputs(manifest))
-    print(f"[train] {manifest['counts']['train']} images, {params.train.num_workers} workers x batch "
-          f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
-          f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name}", flush=True)
+def train(params: Params, optimizer: dict, name: str, callbacks: tuple[UserCallback, ...]) -> dict:
+    """The finished, healthy run's final checkpoint."""
     published = publish_training_data(PREPARED_DIR)
     workers = params.train.num_workers
     require_resources(workers if isinstance(workers, int) else workers[0], params.train.use_gpu)
-    return completed_state(fit(params, *published, optimizer, name)), name
+    try:
+        return completed_state(fit(params, *published, optimizer, name, callbacks))
+    except TrainingFailedError as error:
+        raise TrainingStopped(f"training failed: {worker_errors(error)}") from None
+
+
+def start_tracking(params: Params, manifest: dict, optimizer: dict, name: str) -> tuple[MlflowClient, str, str]:
+    """The pipeline's parent run and this training's child run (params, the dataset as input); before any
+    compute, so an unreachable tracking server stops the stage at once."""
+    client = configure_mlflow()
+    parent = pipeline_run(client, params.register.experiment, manifest["dataset_hash"])
+    run_id = child_run(client, parent, "train", f"train {name}", {"ray_run_name": name})
+    log_params(client, run_id, {**{f"model.{key}": value for key, value in params.model.model_dump().items()},
+                                **{f"train.{key}": value for key, value in params.train.model_dump().items()},
+                                **{f"optimizer.{key}": value for key, value in optimizer.items()}})
+    log_dataset(client, run_id, manifest, params.data.source)
+    return client, parent, run_id
 
 
 def main() -> None:
     params = load_params()
+    manifest = read_manifest(PREPARED_DIR)
+    optimizer = tuned_optimizer(params)
+    name = run_name(params, optimizer, run_inputs(manifest))
+    client, parent, run_id = start_tracking(params, manifest, optimizer, name)
+    print(f"[train] {manifest['counts']['train']} images, {params.train.num_workers} workers x batch "
+          f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
+          f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name},"
+          f" MLflow run {run_id}", flush=True)
     try:
-        state, name = train(params)
-    except TrainingFailedError as error:
-        raise TrainingStopped(f"training failed: {worker_errors(error)}") from None
+        state = train(params, optimizer, name, (StepMetrics(mlflow.get_tracking_uri(), run_id),))
+    except UserError as error:
+        for failed in (run_id, parent):  # the failure and its reason stay visible in the UI
+            fail(client, failed, str(error))
+        raise
     export_model(state, {"ray_run_name": name, "ray_job_id": ray.get_runtime_context().get_job_id(),
-                         "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", "")})  # set by `gan submit`
+                         "ray_submission_id": os.environ.get("GAN_RAY_SUBMISSION_ID", ""),  # set by `gan submit`
+                         "health": "passed", "mlflow_train_run_id": run_id})
     write_history(state["history"])
+    client.set_terminated(run_id, "FINISHED")
     print(f"[train] done: {state['step']} steps -> {MODEL_DIR}, curves in {HISTORY_FILE}", flush=True)
 
 

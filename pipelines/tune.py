@@ -24,6 +24,7 @@ from pathlib import Path
 
 import ray.tune.schedulers.pbt as ray_pbt
 import yaml
+from mlflow import MlflowClient
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.train import Checkpoint, RunConfig, ScalingConfig
@@ -36,9 +37,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.artifacts import BEST_PARAMS_FILE, PREPARED_DIR, TRIALS_FILE
 from pipelines.config import Distribution, Params, TuneParams, load_params
-from pipelines.errors import run_main
+from pipelines.dataset import read_manifest
+from pipelines.errors import UserError, run_main
 from pipelines.ray_runtime import publish_training_data, require_resources, storage
 from pipelines.storage import write_text_atomic
+from pipelines.tracking import child_run, configure_mlflow, fail, log_params, log_step_metrics, pipeline_run
 from pipelines.worker import LoopConfig, gan_train_loop
 
 DRIVERS_CPU, WORKER_CPU = 0.05, 0.95
@@ -291,7 +294,8 @@ def write_outputs(results: tune.ResultGrid, settings: TuneParams) -> dict:
                 and math.isfinite(row["fid"])]
     if not finished:
         errors = "; ".join(row["error"] for row in rows if row["error"]) or "stopped early"
-        raise RuntimeError(f"no tune trial finished its {settings.steps} steps healthy: {errors}")
+        raise UserError(f"no tune trial finished its {settings.steps} steps healthy: {errors}; widen"
+                        " tune.search_space or relax train.health, or set train.use_tuned: false")
     best = min(finished, key=lambda row: (row["fid"], row["trial"]))
     best_params = {key: float(best[key]) for key in settings.search_space}
     TRIALS_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -303,12 +307,42 @@ def write_outputs(results: tune.ResultGrid, settings: TuneParams) -> dict:
     return best | {"best_params": best_params}
 
 
+def trial_curve(result) -> list[dict]:
+    """A trial's reports (step, FID, losses), from Tune's record of them; its last result when that is empty."""
+    frame = result.metrics_dataframe
+    rows = frame.to_dict("records") if frame is not None and "step" in frame else []
+    return rows or ([result.metrics] if result.metrics and "step" in result.metrics else [])
+
+
+def log_trials(client: MlflowClient, parent: str, results: tune.ResultGrid, rows: list[dict]) -> None:
+    """Each trial as a child run of the pipeline's: its settings, its score curve, and how it ended."""
+    for row, result in zip(rows, results):
+        run_id = child_run(client, parent, "tune", f"tune trial {row['trial']}", {"search": row["search"]})
+        log_params(client, run_id, {key: value for key, value in row.items() if key not in ("fid", "error")})
+        for report in trial_curve(result):
+            values = {key: report.get(key) for key in ("fid", "loss_d", "loss_g", "images_per_second")}
+            log_step_metrics(client, run_id, {key: value for key, value in values.items() if value is not None},
+                             int(report["step"]))
+        if row["error"]:
+            fail(client, run_id, row["error"])
+        else:
+            client.set_terminated(run_id, "FINISHED")
+
+
 def main() -> None:
     params = load_params()
+    manifest = read_manifest(PREPARED_DIR)
+    client = configure_mlflow()  # before any compute: an unreachable tracking server stops the stage at once
+    parent = pipeline_run(client, params.register.experiment, manifest["dataset_hash"])
     published = publish_training_data(PREPARED_DIR)
     require_resources(params.tune.num_workers, use_gpu=False, cpus_per_worker=WORKER_CPU)
     results = run_search(params, *published)
-    best = write_outputs(results, params.tune)
+    log_trials(client, parent, results, trial_rows(results, params.tune))
+    try:
+        best = write_outputs(results, params.tune)
+    except UserError as error:
+        fail(client, parent, str(error))
+        raise
     print(f"[tune] {params.tune.search}: {len(results)} trials; best domain-FID {best['fid']:.2f} at step "
           f"{params.tune.steps} (trial {best['trial']}) with {best['best_params']} -> {BEST_PARAMS_FILE}", flush=True)
 

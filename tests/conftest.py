@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,6 +80,7 @@ TINY_OVERRIDES = {
                          "min_class_coverage": 0.0, "min_diversity": 0.0, "min_conditional_accuracy": 0.0,
                          "seed": 12345}},
     "tune": {"num_samples": 2, "steps": 16, "report_every": 8, "eval_samples": 64},
+    "register": {"max_fid_ratio": 1e6},  # a 24-step model is far from real data; the gate's floor is tested apart
     "eval": {"num_samples": 64, "kid_subset_size": 32, "kid_subsets": 10, "bootstrap_resamples": 5, "grid_size": 16,
              "is_splits": 2},
 }
@@ -104,3 +110,31 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def mlflow_server_in(folder: Path) -> Iterator[str]:
+    """A real MLflow tracking server on loopback, its store and artifacts in `folder`, one worker process (the
+    default starts many on this 2-core machine); yields its URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not come up") from None
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from ray.job_submission import JobSubmissionClient
 
-from conftest import REPO, SECRET_ACCESS_KEY, free_port, tiny_params
+from conftest import REPO, SECRET_ACCESS_KEY, free_port, mlflow_server_in, tiny_params
 from pipelines.cli import UPLOAD_DEFAULT_EXCLUDES
 from pipelines.stack import ensure_bucket
 from pipelines.storage import list_objects
@@ -59,7 +60,15 @@ def commit(repo: Path, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, seeded_bucket):
+def tracking_server(tmp_path_factory) -> Iterator[str]:
+    """A real MLflow server that every stage of this module's runs logs to."""
+    with mlflow_server_in(tmp_path_factory.mktemp("mlflow")) as url, pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, seeded_bucket, tracking_server):
     ensure_bucket("gan-dvc")
     repo = copy_repository(tmp_path_factory.mktemp("e2e"), tiny_params(data={"source": seeded_bucket}))
     first = run(["dvc", "repro"], repo)
@@ -118,7 +127,7 @@ def test_secret_key_is_never_written(pipeline_run):
     assert any(path.name == "dvc.lock" for path in written) and any(path.suffix == ".npz" for path in written)
     leaked = [path for path in written if secret in path.read_bytes()]
     assert not leaked, f"the secret key was written to {leaked}"
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     recorded = json.loads((repo / "results/register/model_version.json").read_text())
     run_data = client.get_run(recorded["run_id"]).data
     assert secret.decode() not in json.dumps([run_data.params, run_data.tags])
@@ -127,7 +136,7 @@ def test_secret_key_is_never_written(pipeline_run):
 def test_registry_holds_the_model_with_aliases(pipeline_run):
     repo, _ = pipeline_run
     recorded = json.loads((repo / "results/register/model_version.json").read_text())
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     model = client.get_registered_model(recorded["model_name"])
     assert {alias: str(version) for alias, version in model.aliases.items()} == {
         "challenger": str(recorded["version"]), "champion": str(recorded["version"])}
@@ -136,6 +145,40 @@ def test_registry_holds_the_model_with_aliases(pipeline_run):
     assert run_tags["dataset_hash"] == manifest["dataset_hash"]
     assert run_tags["git_commit"].startswith(subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo,
                                                             capture_output=True, text=True).stdout.strip())
+
+
+def test_mlflow_tells_the_whole_story(pipeline_run, tracking_server):
+    """One parent run for the repro; the tune trials, the training (with live step metrics and the dataset as
+    input) and the registration as its children; the evaluation metrics on the logged model."""
+    repo, _ = pipeline_run
+    client = MlflowClient(tracking_server)
+    experiment = client.get_experiment_by_name(tiny_params()["register"]["experiment"]).experiment_id
+    parents = client.search_runs([experiment], "tags.stage = 'pipeline'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert parent.data.tags["git_commit"] == head and len(parent.data.tags["dvc_lock_sha256"]) == 64
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = sorted(child.data.tags["stage"] for child in children)
+    assert stages == ["register", "train", "tune", "tune"], "two tune trials, the training and the registration"
+
+    for trial in (child for child in children if child.data.tags["stage"] == "tune"):
+        assert {"lr_g", "lr_d", "beta1", "beta2"} <= set(trial.data.params) and trial.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "fid")] == [8, 16], "the score curve"
+    training = next(child for child in children if child.data.tags["stage"] == "train")
+    assert [m.step for m in client.get_metric_history(training.info.run_id, "loss_d")] == [8, 16, 24]
+    assert [m.step for m in client.get_metric_history(training.info.run_id, "fid")] == [8, 16, 24]
+    assert client.get_metric_history(training.info.run_id, "images_per_second")[0].value > 0
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    (dataset_input,) = training.inputs.dataset_inputs
+    tags = {tag.key: tag.value for tag in dataset_input.tags}
+    assert tags["dataset_hash"] == manifest["dataset_hash"] and tags["train_images"] == str(manifest["counts"]["train"])
+    assert "gan-test-data" in dataset_input.dataset.source and "16, 16, 1" in dataset_input.dataset.schema
+
+    recorded = json.loads((repo / "results/register/model_version.json").read_text())
+    version = client.get_model_version(recorded["model_name"], str(recorded["version"]))
+    logged = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))
+    assert {metric.key for metric in logged.metrics} >= {"fid", "kid", "precision", "recall", "real_vs_real_fid"}
 
 
 def test_second_repro_skips_and_params_rerun_only_dependents(pipeline_run):

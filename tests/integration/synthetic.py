@@ -15,9 +15,20 @@ from conftest import REPO
 from PIL import Image
 
 from pipelines.config import DataParams
+from pipelines.dataset import load_split
 from pipelines.storage import s3_client
 
 REPO_PARAMS = REPO / "params.yaml"
+
+
+def pixels_by_key(manifest: dict, out_dir: Path) -> dict[str, np.ndarray]:
+    """Each accepted key's prepared pixels: shards hold images in sha256 order, split by split."""
+    by_sha = {}
+    for split in ("train", "test"):
+        images, _ = load_split(out_dir, split)
+        members = sorted((o for o in manifest["objects"] if o["split"] == split), key=lambda o: o["sha256"])
+        by_sha |= {member["sha256"]: image for member, image in zip(members, images, strict=True)}
+    return {item["key"]: by_sha[item["sha256"]] for item in manifest["objects"]}
 
 
 def data_params(source: str, **overrides: Any) -> DataParams:

@@ -49,7 +49,7 @@ CASES = {
     "no params": Case(stage("train"), "params.yaml: not found", params_file=None),
     # missing inputs: each stage run before the one it needs
     "featurenet first": Case(stage("featurenet"), "dvc repro prepare"),
-    "tune first": Case(stage("tune"), "dvc repro featurenet"),
+    "tune first": Case(stage("tune"), "dvc repro prepare"),
     "train first": Case(stage("train"), "dvc repro prepare"),
     "evaluate first": Case(stage("evaluate"), "dvc repro train"),
     "register first": Case(stage("register"), "dvc repro train"),

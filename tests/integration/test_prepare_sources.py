@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from synthetic import data_params, encode, noise, npz, tar_shard, upload, write_folder
+from synthetic import data_params, encode, noise, npz, pixels_by_key, tar_shard, upload, write_folder
 
 from pipelines.dataset import load_split
 from pipelines.prepare import prepare
@@ -34,23 +34,13 @@ def prepared(source: str, tmp_path: Path, **overrides) -> tuple[dict, np.ndarray
     return manifest, np.concatenate([train[0], test[0]]), np.concatenate([train[1], test[1]])
 
 
-def pixels_by_key(manifest: dict, out_dir: Path) -> dict[str, np.ndarray]:
-    """Each accepted key's prepared pixels: shards hold images in sha256 order, split by split."""
-    by_sha = {}
-    for split in ("train", "test"):
-        images, _ = load_split(out_dir, split)
-        members = sorted((o for o in manifest["objects"] if o["split"] == split), key=lambda o: o["sha256"])
-        by_sha |= {member["sha256"]: image for member, image in zip(members, images, strict=True)}
-    return {item["key"]: by_sha[item["sha256"]] for item in manifest["objects"]}
-
-
 def test_png_jpeg_webp_in_any_mode_become_rgb_or_grayscale(bucket: str, tmp_path: Path) -> None:
     files = {
         "gray/l.png": encode(solid("L", 77)),
         "gray/bilevel.png": encode(solid("1", 1)),
         "gray/l.jpg": encode(solid("L", 200), "JPEG", quality=95),
         "colour/rgb.png": encode(solid("RGB", TEAL)),
-        "colour/rgba.png": encode(solid("RGBA", (*TEAL, 128))),
+        "colour/rgba.png": encode(solid("RGBA", (*TEAL, 255))),
         "colour/palette.png": encode(solid("RGB", TEAL).quantize(4)),
         "colour/rgb.webp": encode(solid("RGB", TEAL), "WEBP", lossless=True),
         "colour/rgb.jpg": encode(solid("RGB", (*TEAL[:2], 141)), "JPEG", quality=95),
@@ -66,7 +56,7 @@ def test_png_jpeg_webp_in_any_mode_become_rgb_or_grayscale(bucket: str, tmp_path
         assert all(image.shape == (16, 16, channels) for image in pixels.values())
         teal = np.array(TEAL if channels == 3 else [solid("RGB", TEAL).convert("L").getpixel((0, 0))])
         for key in ("colour/rgb.png", "colour/rgba.png", "colour/palette.png", "colour/rgb.webp"):
-            assert (pixels[key] == teal).all(), f"{key}: exact colour, alpha dropped"
+            assert (pixels[key] == teal).all(), f"{key}: exact colour (opaque: the background does not show)"
         assert np.abs(pixels["colour/rgb.jpg"].astype(int) - teal).max() <= 4, "JPEG is lossy"
         assert (pixels["gray/l.png"] == 77).all() and (pixels["gray/bilevel.png"] == 255).all()
 
