@@ -56,14 +56,14 @@ from gancore.images import from_uint8
 from gancore.metrics.features import feature_reference
 from gancore.models.classifier import Classifier
 from gancore.step import StepSettings
-from gancore.training import OptimizerSettings, TrainingState
+from gancore.training import DDP_OPTIONS, OptimizerSettings, TrainingState
 from pipelines.config import Params, parse_params
 from pipelines.dataset import ShardedBatches, decode_shard
 from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
 from pipelines.sources import ImageShape
 from pipelines.train import completed_state, fit
-from pipelines.worker import DDP_OPTIONS, step_noise_seed
+from pipelines.worker import step_noise_seed
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10

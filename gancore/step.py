@@ -79,6 +79,84 @@ def frozen(module: nn.Module):
             parameter.requires_grad_(flag)
 
 
+@dataclass(frozen=True)
+class _StepContext:
+    """What both updates of one step share: the recipe, the noise, the device and the per-update batch."""
+
+    settings: StepSettings
+    noise_generator: torch.Generator | None
+    autocast_dtype: torch.dtype | None
+    device: torch.device
+    batch_size: int
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        return diff_augment(images, self.settings.augment, self.noise_generator)
+
+    def forward_pass(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def fakes(self, generator: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of generated images and the labels they were asked for (labels drawn first)."""
+        settings = self.settings
+        fake_labels = sample_labels(self.batch_size, settings.num_classes, self.device, self.noise_generator)
+        latents = sample_latent(self.batch_size, settings.latent_dim, self.device, self.noise_generator)
+        return generator(latents, fake_labels), fake_labels
+
+
+def _discriminator_update(step: _StepContext, generator: nn.Module, discriminator: nn.Module,
+                          optimizer: torch.optim.Optimizer, real: torch.Tensor, labels: torch.Tensor | None):
+    """One D update on `real` and a fresh fake batch; (loss, real logits, fake logits, gradient norm)."""
+    settings = step.settings
+    with torch.no_grad(), step.forward_pass():
+        fake, fake_labels = step.fakes(generator)
+    with step.forward_pass():
+        # Real and fake go through D separately so BatchNorm never mixes their statistics.
+        real_logits = discriminator(step.augment(real), labels).float()
+        fake_logits = discriminator(step.augment(fake), fake_labels).float()
+        loss_d = discriminator_loss(settings.loss, real_logits, fake_logits, 1.0 - settings.label_smoothing)
+        if settings.gradient_penalty:
+            mix = torch.rand(step.batch_size, generator=step.noise_generator)
+            # Interpolating between a real and a fake of different classes has no single label;
+            # the real one is used, as in conditional WGAN-GP implementations.
+            loss_d = loss_d + settings.gradient_penalty * gradient_penalty(
+                unwrap(discriminator), real, fake, labels, mix
+            )
+        if settings.r1_gamma:
+            loss_d = loss_d + 0.5 * settings.r1_gamma * r1_penalty(unwrap(discriminator), real, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss_d.backward()
+    grad_norm_d = gradient_norm(discriminator.parameters())
+    optimizer.step()
+    return loss_d, real_logits, fake_logits, grad_norm_d
+
+
+def _generator_update(step: _StepContext, generator: nn.Module, discriminator: nn.Module,
+                      optimizer: torch.optim.Optimizer, real: torch.Tensor, labels: torch.Tensor | None):
+    """One G update against D; (loss, gradient norm). `real` feeds the feature-matching term only."""
+    settings = step.settings
+    # G's update reaches D's input gradients only: D runs unwrapped (no DDP all-reduce of gradients
+    # nobody uses) with its weights frozen (no weight gradients computed).
+    critic = unwrap(discriminator)
+    with step.forward_pass(), frozen(critic):
+        fake, fake_labels = step.fakes(generator)
+        if settings.feature_matching:
+            fake_logits, fake_features = critic(step.augment(fake), fake_labels, return_features=True)
+            with torch.no_grad():
+                _, real_features = critic(step.augment(real), labels, return_features=True)
+            loss_g = generator_loss(settings.loss, fake_logits.float())
+            loss_g = loss_g + settings.feature_matching * feature_matching_loss(real_features.float(),
+                                                                                fake_features.float())
+        else:
+            loss_g = generator_loss(settings.loss, critic(step.augment(fake), fake_labels).float())
+    optimizer.zero_grad(set_to_none=True)
+    loss_g.backward()  # the graph was built with D's weights frozen, so they get no gradients here either
+    grad_norm_g = gradient_norm(generator.parameters())
+    optimizer.step()
+    return loss_g, grad_norm_g
+
+
 def train_step(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -99,66 +177,17 @@ def train_step(
     """
     if settings.num_classes and labels is None:
         raise ValueError("a conditional model needs the real images' labels")
-    device = real.device
     batch_size = real.shape[0] // settings.critic_steps
     if batch_size == 0 or real.shape[0] % settings.critic_steps:
         raise ValueError(f"a batch of {real.shape[0]} cannot be split evenly into {settings.critic_steps} critic steps")
-
-    def augment(images: torch.Tensor) -> torch.Tensor:
-        return diff_augment(images, settings.augment, noise_generator)
-
-    def forward_pass() -> contextlib.AbstractContextManager:
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
-    real_target = 1.0 - settings.label_smoothing
+    step = _StepContext(settings, noise_generator, autocast_dtype, real.device, batch_size)
     for critic_step in range(settings.critic_steps):
         chunk = slice(critic_step * batch_size, (critic_step + 1) * batch_size)
-        real_chunk = real[chunk]
-        real_labels = labels[chunk] if labels is not None else None
-        with torch.no_grad(), forward_pass():
-            fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
-            fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
-        with forward_pass():
-            # Real and fake go through D separately so BatchNorm never mixes their statistics.
-            real_logits = discriminator(augment(real_chunk), real_labels).float()
-            fake_logits = discriminator(augment(fake), fake_labels).float()
-            loss_d = discriminator_loss(settings.loss, real_logits, fake_logits, real_target)
-            if settings.gradient_penalty:
-                mix = torch.rand(batch_size, generator=noise_generator)
-                # Interpolating between a real and a fake of different classes has no single label;
-                # the real one is used, as in conditional WGAN-GP implementations.
-                loss_d = loss_d + settings.gradient_penalty * gradient_penalty(
-                    unwrap(discriminator), real_chunk, fake, real_labels, mix
-                )
-            if settings.r1_gamma:
-                loss_d = loss_d + 0.5 * settings.r1_gamma * r1_penalty(unwrap(discriminator), real_chunk, real_labels)
-        discriminator_optimizer.zero_grad(set_to_none=True)
-        loss_d.backward()
-        grad_norm_d = gradient_norm(discriminator.parameters())
-        discriminator_optimizer.step()
-
-    # G's update reaches D's input gradients only: D runs unwrapped (no DDP all-reduce of gradients
-    # nobody uses) with its weights frozen (no weight gradients computed).
-    critic = unwrap(discriminator)
-    with forward_pass(), frozen(critic):
-        fake_labels = sample_labels(batch_size, settings.num_classes, device, noise_generator)
-        fake = generator(sample_latent(batch_size, settings.latent_dim, device, noise_generator), fake_labels)
-        if settings.feature_matching:
-            fake_logits_g, fake_features = critic(augment(fake), fake_labels, return_features=True)
-            with torch.no_grad():
-                _, real_features = critic(augment(real_chunk), real_labels, return_features=True)
-            loss_g = generator_loss(settings.loss, fake_logits_g.float())
-            loss_g = loss_g + settings.feature_matching * feature_matching_loss(real_features.float(),
-                                                                                fake_features.float())
-        else:
-            loss_g = generator_loss(settings.loss, critic(augment(fake), fake_labels).float())
-    generator_optimizer.zero_grad(set_to_none=True)
-    loss_g.backward()  # the graph was built with D's weights frozen, so they get no gradients here either
-    grad_norm_g = gradient_norm(generator.parameters())
-    generator_optimizer.step()
-
+        real_chunk, real_labels = real[chunk], labels[chunk] if labels is not None else None
+        loss_d, real_logits, fake_logits, grad_norm_d = _discriminator_update(
+            step, generator, discriminator, discriminator_optimizer, real_chunk, real_labels)
+    loss_g, grad_norm_g = _generator_update(step, generator, discriminator, generator_optimizer, real_chunk,
+                                            real_labels)
     return {
         "loss_d": loss_d.item(),
         "loss_g": loss_g.item(),

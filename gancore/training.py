@@ -13,6 +13,11 @@ from gancore.models import ModelSpec, build_gan
 from gancore.step import StepSettings, train_step
 
 
+# How G and D are wrapped for data parallelism: separately, and D runs twice per update (real, fake) before
+# backward, which only works when DDP does not re-broadcast batch-norm buffers on every forward.
+DDP_OPTIONS = {"forward_sync_buffers": False}
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
     """Adam for G and D: separate learning rates, shared betas."""

@@ -41,7 +41,7 @@ from gancore.metrics.features import extract
 from gancore.metrics.fid import frechet_distance, gaussian_statistics
 from gancore.models import ModelSpec
 from gancore.step import StepSettings, generate_images, requested_labels
-from gancore.training import OptimizerSettings, TrainingState
+from gancore.training import DDP_OPTIONS, OptimizerSettings, TrainingState
 from pipelines.artifacts import ArtifactError, load_tensors
 from pipelines.config import HealthParams, Params
 from pipelines.dataset import ShardedBatches, decode_shard
@@ -50,9 +50,6 @@ from pipelines.ray_runtime import quiet_worker_logs
 CHECKPOINT_FILE = "checkpoint.pt"
 # A run's length, batch, reporting and checks: named as in train.*, which the train stage passes as is.
 RUN_BUDGET = ("batch_size", "steps", "log_every", "checkpoint_every", "seed", "health")
-# G and D are wrapped separately; D runs twice per update (real, fake) before
-# backward, which only works when DDP does not re-broadcast BN buffers per forward.
-DDP_OPTIONS = {"forward_sync_buffers": False}
 
 
 def step_noise_seed(seed: int, step: int, rank: int) -> int:
