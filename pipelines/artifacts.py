@@ -53,7 +53,7 @@ HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d",
                   "class_diversity", "conditional_accuracy")
 
 
-def save_featurenet(classifier: Classifier, test_accuracy: float, reference: dict[str, np.ndarray],
+def save_featurenet(classifier: Classifier, test_accuracy: float | None, reference: dict[str, np.ndarray],
                     path: Path = FEATURENET_FILE) -> None:
     """models/featurenet.pt: the classifier's weights, its shape, its held-out accuracy and the
     reference statistics of real held-out images in its space (written once, read by tune and train);

@@ -84,7 +84,7 @@ class ModelParams(Section):
     family: str
     latent_dim: PositiveInt
     base_channels: PositiveInt
-    conditional: bool
+    conditional: bool | Literal["auto"]
     spectral_norm: bool
     minibatch_discrimination: bool
     loss: str
@@ -128,7 +128,10 @@ class ModelParams(Section):
         return self
 
     def classes(self, num_classes: int) -> int:
-        """Classes the model conditions on (0: unconditional), given the prepared data's class count."""
+        """Classes the model conditions on (0: unconditional), given the prepared data's class count; `auto`
+        conditions on the labels when there are any."""
+        if self.conditional == "auto":
+            return num_classes if num_classes >= 2 else 0
         if self.conditional and num_classes < 2:
             raise ConfigError(f"model.conditional: true needs labelled data with at least 2 classes (one folder per "
                               f"class under data.source), but the prepared data has {num_classes}; set "

@@ -27,7 +27,7 @@ from gancore.step import generate_images, requested_labels
 from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
                                  load_featurenet, load_generator)
 from pipelines.config import EvalParams, load_params
-from pipelines.dataset import load_split
+from pipelines.dataset import load_split, read_manifest
 from pipelines.errors import run_main
 from pipelines.storage import write_json_atomic
 
@@ -98,9 +98,11 @@ def main() -> None:
     test_features, test_probs = extract(classifier, real_test)
     train_features, train_probs = extract(classifier, real_train)
     fake_features, fake_probs = extract(classifier, fakes)
+    # IS needs class probabilities: a classifier's, not a self-supervised encoder's projections.
+    labelled = bool(read_manifest(PREPARED_DIR)["class_names"])
     print(f"[evaluate] scoring {n} generated and {n} real images in featurenet space", flush=True)
-    generated = score(fake_features, fake_probs, test_features, params)
-    baseline = score(train_features, train_probs, test_features, params)
+    generated = score(fake_features, fake_probs if labelled else None, test_features, params)
+    baseline = score(train_features, train_probs if labelled else None, test_features, params)
     requested = requested_labels(n, model_config["num_classes"])
     if requested is not None:
         # The real-data value is featurenet's accuracy on held-out images: the ceiling for samples.
@@ -118,10 +120,12 @@ def main() -> None:
     plot_curves(HISTORY_FILE, CURVES_FILE)
     conditional = (f" conditional accuracy {generated['conditional_accuracy']['value']:.3f}"
                    f" ({baseline['conditional_accuracy']['value']:.3f})," if requested is not None else "")
+    inception = (f" IS {generated['inception_score']['value']:.2f} ({baseline['inception_score']['value']:.2f}),"
+                 if labelled else "")
     print(
         f"[evaluate] FID {generated['fid']['value']:.2f} (real-vs-real {baseline['fid']['value']:.2f}),"
         f" KID {generated['kid']['value']:.4f} ({baseline['kid']['value']:.4f}),"
-        f" IS {generated['inception_score']['value']:.2f} ({baseline['inception_score']['value']:.2f}),"
+        f"{inception}"
         f" precision {generated['precision']['value']:.3f} ({baseline['precision']['value']:.3f}),"
         f" recall {generated['recall']['value']:.3f} ({baseline['recall']['value']:.3f}),{conditional} N={n}"
         f" -> {EVAL_METRICS_FILE}, {SAMPLES_FILE}",

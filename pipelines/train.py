@@ -204,7 +204,7 @@ def main() -> None:
     client, parent, run_id = start_tracking(params, manifest, optimizer, name)
     print(f"[train] {manifest['counts']['train']} images, {params.train.num_workers} workers x batch "
           f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
-          f"{' conditional' if params.model.conditional else ''}, optimizer {optimizer}, Ray run {name},"
+          f"{' conditional' if params.model.classes(len(manifest['class_names'])) else ''}, optimizer {optimizer}, Ray run {name},"
           f" MLflow run {run_id}", flush=True)
     try:
         state = train(params, optimizer, name, (StepMetrics(mlflow.get_tracking_uri(), run_id),))

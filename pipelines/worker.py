@@ -37,7 +37,7 @@ from gancore.health import (
 )
 from gancore.images import from_uint8
 from gancore.metrics.conditional import conditional_accuracy
-from gancore.metrics.features import extract
+from gancore.metrics.features import extract, pseudo_classes
 from gancore.metrics.fid import frechet_distance, gaussian_statistics
 from gancore.models import ModelSpec
 from gancore.step import StepSettings, generate_images, requested_labels
@@ -115,14 +115,17 @@ def evaluate_samples(generator: torch.nn.Module, reference: dict, config: LoopCo
     fakes = generate_images(generator, config.health.samples, config.model.latent_dim, seed=config.health.seed,
                             device=device, num_classes=num_classes)
     features, probabilities = extract(reference["classifier"], fakes)
-    predicted = probabilities.argmax(axis=1)
+    if "centroids" in reference:  # unlabelled data: the nearest k-means mode of the real features
+        predicted, classes_seen = pseudo_classes(features, reference["centroids"]), len(reference["centroids"])
+    else:
+        predicted, classes_seen = probabilities.argmax(axis=1), probabilities.shape[1]
     requested = requested_labels(len(fakes), num_classes)
     # A conditional sample belongs to the class it was asked for; an unconditional one to featurenet's guess.
     classes = predicted if requested is None else requested.numpy()
     mu, sigma = gaussian_statistics(features)
     metrics = {
         "fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
-        "class_coverage": class_coverage(predicted, probabilities.shape[1]),
+        "class_coverage": class_coverage(predicted, classes_seen),
         "diversity": diversity_ratio(features, reference["features"]),
         "class_diversity": class_diversity(features, classes, reference["features"], reference["classes"]),
     }

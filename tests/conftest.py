@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -93,6 +94,25 @@ def tiny_params(**sections: dict) -> dict:
         for section, values in overrides.items():
             raw[section].update(values)
     return raw
+
+
+SHAPE_KINDS = 4
+
+
+def shapes(count: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 RGB images of four kinds (square, disc, horizontal and vertical bar) in random colours and places
+    on random dark backgrounds, and their kinds."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size]
+    images = np.empty((count, size, size, 3), np.uint8)
+    kinds = rng.integers(0, SHAPE_KINDS, count)
+    for image, kind in zip(images, kinds):
+        image[:] = rng.integers(0, 60, 3)
+        r, c = rng.integers(4, size - 4, 2)
+        mask = [(abs(rows - r) < 3) & (abs(cols - c) < 3), (rows - r) ** 2 + (cols - c) ** 2 < 10,
+                abs(rows - r) < 2, abs(cols - c) < 2][kind]
+        image[mask] = rng.integers(120, 256, 3)
+    return images, kinds.astype(np.int64)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+from scipy.cluster.vq import kmeans2
 from torch import nn
 
 from gancore.metrics.fid import gaussian_statistics
@@ -36,3 +37,15 @@ def feature_reference(classifier: nn.Module, images: torch.Tensor, labels: np.nd
     """The classifier and reference_statistics of real `images` (in [-1, 1]) in its feature space."""
     features, _ = extract(classifier, images)
     return {"classifier": classifier.cpu().eval(), **reference_statistics(features, labels)}
+
+
+def pseudo_class_centroids(features: np.ndarray, classes: int = 10, seed: int = 0) -> np.ndarray:
+    """k-means centroids (classes, D) of real features: the modes a label-free collapse check counts."""
+    centroids, _ = kmeans2(np.asarray(features, np.float64), classes, minit="++", seed=seed)
+    return centroids
+
+
+def pseudo_classes(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of each feature's nearest centroid: its pseudo-class."""
+    distances = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2)
+    return distances.argmin(axis=1).astype(np.int64)

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from ray.job_submission import JobSubmissionClient
 
-from conftest import REPO, SECRET_ACCESS_KEY, free_port, mlflow_server_in, tiny_params
+from conftest import REPO, SECRET_ACCESS_KEY, free_port, mlflow_server_in, shapes, tiny_params
 from pipelines.cli import UPLOAD_DEFAULT_EXCLUDES
 from pipelines.stack import ensure_bucket
 from pipelines.storage import list_objects
@@ -260,6 +260,31 @@ def test_experiments_run_queue_and_compare(pipeline_run):
     losses = plots["losses"][0]
     assert losses["revisions"] == ["HEAD", "shorter"] and "loss_d" in json.dumps(losses["content"]), \
         "one loss plot draws both runs"
+
+
+def test_unlabelled_rgb_images_run_the_whole_chain(tmp_path, tracking_server):
+    """A flat folder of RGB images (no classes): a self-supervised feature space, an unconditional model scored
+    and guarded without labels, and a registered version."""
+    images, _ = shapes(600, seed=0)
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{index:04d}.png")
+    params = tiny_params(data={"source": str(folder), "channels": 3},
+                         register={"model_name": "gan-shapes", "max_fid_ratio": 1e6})
+    repo = copy_repository(tmp_path / "repo", params)
+    log = run(["dvc", "repro"], repo)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log.stdout
+    assert json.loads((repo / "results/featurenet/metrics.json").read_text())["kind"] == "contrastive"
+    assert json.loads((repo / "models/gan/config.json").read_text())["num_classes"] == 0, "auto: unconditional"
+    history = (repo / "results/train/history.csv").read_text()
+    assert "class_coverage" in history.splitlines()[0], "collapse is checked on pseudo-classes"
+    metrics = json.loads((repo / "results/eval/metrics.json").read_text())
+    assert all(math.isfinite(metrics[name]["value"]) for name in ("fid", "kid", "precision", "recall", "coverage"))
+    assert "inception_score" not in metrics and "conditional_accuracy" not in metrics, "no class probabilities"
+    recorded = json.loads((repo / "results/register/model_version.json").read_text())
+    assert recorded["model_name"] == "gan-shapes" and recorded["champion"] is True
 
 
 @pytest.fixture
