@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gancore.augment import POLICIES
 from gancore.losses import LOSSES, SMOOTHABLE
@@ -277,6 +277,20 @@ class TuneParams(Section):
         return self
 
 
+def _space_name(name: str) -> str:
+    if not name.isidentifier() or name == "featurenet":
+        raise ValueError("cannot name a feature space (metrics are logged as <name>_fid): use a word such as"
+                         " inception_v3 or dinov2")
+    return name
+
+
+def _encoder_file(path: str) -> str:
+    if not Path(path).is_file():
+        raise ValueError("no such file; give a TorchScript encoder (inception-2015-12-05.pt as clean-fid and"
+                         " StyleGAN3 use it, or DINOv2/CLIP exported with torch.jit)")
+    return path
+
+
 class EvalParams(Section):
     num_samples: Annotated[int, Field(ge=2)]
     kid_subset_size: Annotated[int, Field(ge=2)]
@@ -285,17 +299,9 @@ class EvalParams(Section):
     bootstrap_resamples: PositiveInt
     precision_recall_k: PositiveInt
     density_coverage_k: PositiveInt
-    inception_weights: str | None
+    feature_spaces: dict[Annotated[str, AfterValidator(_space_name)], Annotated[str, AfterValidator(_encoder_file)]]
     grid_size: PositiveInt
     seed: int
-
-    @field_validator("inception_weights")
-    @classmethod
-    def _weights_exist(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError("no such file; give the path of the TorchScript Inception-v3 file "
-                             "(inception-2015-12-05.pt, as used by clean-fid and StyleGAN3) or null")
-        return value
 
     def metric_settings(self) -> MetricSettings:
         """The eval.* keys the metric registry reads, under the same names."""

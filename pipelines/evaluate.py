@@ -2,8 +2,8 @@
 and for a conditional model featurenet's accuracy on the labels its samples were asked for (the
 baseline: featurenet's accuracy on held-out images).
 
-Scored in featurenet space, and also in Inception-v3 space when eval.inception_weights
-points at a local TorchScript file. The baseline compares N training images with the
+Scored in featurenet space, and in every space eval.feature_spaces names (local TorchScript encoders:
+Inception-v3, DINOv2, CLIP...). The baseline compares N training images with the
 N held-out ones: the score a perfect generator would get with this N and this feature space.
 """
 
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from gancore.images import from_uint8, make_grid
-from gancore.metrics import (conditional_accuracy, extract, inception_features, inception_score,
+from gancore.metrics import (conditional_accuracy, encoder_features, extract, inception_score,
                              measure_all, metric_entry, one_sample_bootstrap_interval)
 from gancore.step import generate_images, requested_labels
 from pipelines.artifacts import (CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR, PREPARED_DIR, SAMPLES_FILE,
@@ -108,13 +108,12 @@ def main() -> None:
         # The real-data value is featurenet's accuracy on held-out images: the ceiling for samples.
         generated["conditional_accuracy"] = accuracy_score(fake_probs, requested.numpy(), params)
         baseline["conditional_accuracy"] = accuracy_score(test_probs, test_labels[test_rows], params)
-    metrics = {**generated, "real_vs_real": baseline, "feature_space": "featurenet", "n": n}
-    if params.inception_weights is not None:
-        print(f"[evaluate] scoring in Inception-v3 space ({params.inception_weights})", flush=True)
-        test_i, train_i, fake_i = (inception_features(params.inception_weights, images)
-                                   for images in (real_test, real_train, fakes))
-        metrics["inception_v3"] = {**score(fake_i, None, test_i, params),
-                                   "real_vs_real": score(train_i, None, test_i, params)}
+    metrics = {**generated, "real_vs_real": baseline, "n": n}
+    for name, path in params.feature_spaces.items():
+        print(f"[evaluate] scoring in the {name} space ({path})", flush=True)
+        test_e, train_e, fake_e = (encoder_features(path, images) for images in (real_test, real_train, fakes))
+        metrics[name] = {**score(fake_e, None, test_e, params), "real_vs_real": score(train_e, None, test_e, params)}
+    metrics["feature_spaces"] = ["featurenet", *params.feature_spaces]
     write_json_atomic(EVAL_METRICS_FILE, metrics)
     save_grid(fakes[: params.grid_size], SAMPLES_FILE)
     plot_curves(HISTORY_FILE, CURVES_FILE)

@@ -81,9 +81,8 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
                 flat[f"{prefix}{name}"] = entry["value"]
                 flat |= {f"{prefix}{name}_{bound}": entry[bound] for bound in ("ci95_low", "ci95_high")
                          if bound in entry}
-    if "inception_v3" in metrics:
-        flat |= {f"inception_v3_{key}": value for key, value in flat_metrics({**metrics["inception_v3"],
-                                                                              "n": metrics["n"]}).items()}
+    for space in metrics.get("feature_spaces", [])[1:]:  # the first is featurenet's, scored above
+        flat |= {f"{space}_{key}": value for key, value in flat_metrics({**metrics[space], "n": metrics["n"]}).items()}
     return flat
 
 

@@ -4,7 +4,7 @@ from gancore.metrics.bootstrap import estimate_with_interval, one_sample_bootstr
 from gancore.metrics.conditional import conditional_accuracy
 from gancore.metrics.features import extract
 from gancore.metrics.fid import fid, frechet_distance, gaussian_statistics
-from gancore.metrics.inception import InceptionFeatures, inception_features
+from gancore.metrics.inception import (InceptionFeatures, TorchScriptFeatures, encoder_features, load_encoder)
 from gancore.metrics.inception_score import inception_score
 from gancore.metrics.kid import kid
 from gancore.metrics.prdc import coverage, density, density_coverage, precision, precision_recall, recall
@@ -15,18 +15,20 @@ __all__ = [
     "InceptionFeatures",
     "MetricSettings",
     "SetMetric",
+    "TorchScriptFeatures",
     "conditional_accuracy",
     "coverage",
     "density",
     "density_coverage",
+    "encoder_features",
     "estimate_with_interval",
     "extract",
     "fid",
     "frechet_distance",
     "gaussian_statistics",
-    "inception_features",
     "inception_score",
     "kid",
+    "load_encoder",
     "measure",
     "measure_all",
     "metric_entry",

@@ -1,4 +1,5 @@
-"""Inception-v3 pool features from the TorchScript file of StyleGAN2-ADA / StyleGAN3 and clean-fid, if a user has it."""
+"""Features from user-supplied TorchScript encoders: the Inception-v3 file of StyleGAN2-ADA / StyleGAN3 and
+clean-fid, or any encoder exported to TorchScript (DINOv2, SwAV, CLIP)."""
 
 from pathlib import Path
 
@@ -38,11 +39,44 @@ class InceptionFeatures(nn.Module):
         return self.network(pixels.expand(-1, 3, -1, -1), return_features=True)
 
 
+class TorchScriptFeatures(nn.Module):
+    """(N, D) features from any TorchScript encoder that maps (N, 3, H, W) float images in [-1, 1] to (N, D):
+    DINOv2, SwAV, CLIP's image tower or a domain model, exported with torch.jit. Resizing and normalising to
+    what the encoder was trained on is the exported module's job; grey images are repeated to 3 channels."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no TorchScript encoder at {path}")
+        try:
+            self.network = torch.jit.load(str(path), map_location="cpu").eval()
+        except RuntimeError as error:
+            raise ValueError(f"{path} is not a TorchScript file (export the encoder with torch.jit)") from error
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.network(images.float().clamp(-1.0, 1.0).expand(-1, 3, -1, -1))
+        if features.ndim != 2 or len(features) != len(images):
+            raise ValueError(f"the encoder returned shape {tuple(features.shape)}; a feature space needs (N, D)")
+        return features
+
+
+def load_encoder(path: str | Path) -> nn.Module:
+    """The Inception-v3 file of StyleGAN/clean-fid (recognised by its return_features argument) as
+    InceptionFeatures, any other TorchScript encoder as TorchScriptFeatures."""
+    try:
+        network = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError):
+        return TorchScriptFeatures(path)  # raises the message for a missing or broken file
+    is_inception = "return_features" in [argument.name for argument in network.forward.schema.arguments]
+    return InceptionFeatures(path) if is_inception else TorchScriptFeatures(path)
+
+
 @torch.no_grad()
-def inception_features(
+def encoder_features(
     path: str | Path, images: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu"
 ) -> np.ndarray:
-    """float64 (N, 2048) features of images (N, C, H, W) in [-1, 1]: the features half of `extract`'s output."""
-    network = InceptionFeatures(path).to(device)
+    """float64 (N, D) features of images (N, C, H, W) in [-1, 1] in the space of the encoder at `path`."""
+    network = load_encoder(path).to(device)
     features = [network(batch.to(device)).double().cpu() for batch in images.split(batch_size)]
     return torch.cat(features).numpy()

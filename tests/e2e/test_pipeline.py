@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
@@ -262,16 +263,26 @@ def test_experiments_run_queue_and_compare(pipeline_run):
         "one loss plot draws both runs"
 
 
+class ColourStatistics(torch.nn.Module):
+    """A user's encoder exported with torch.jit (as DINOv2 or CLIP would be): per-channel mean and spread."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
+
+
 def test_unlabelled_rgb_images_run_the_whole_chain(tmp_path, tracking_server):
     """A flat folder of RGB images (no classes): a self-supervised feature space, an unconditional model scored
-    and guarded without labels, and a registered version."""
+    and guarded without labels (and in a user's TorchScript space too), and a registered version."""
     images, _ = shapes(600, seed=0)
     folder = tmp_path / "shapes"
     folder.mkdir()
     for index, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{index:04d}.png")
+    encoder = tmp_path / "colour.pt"
+    torch.jit.save(torch.jit.script(ColourStatistics()), str(encoder))
     params = tiny_params(data={"source": str(folder), "channels": 3},
-                         register={"model_name": "gan-shapes", "max_fid_ratio": 1e6})
+                         register={"model_name": "gan-shapes", "max_fid_ratio": 1e6},
+                         eval={"feature_spaces": {"colour": str(encoder)}})
     repo = copy_repository(tmp_path / "repo", params)
     log = run(["dvc", "repro"], repo)
     for stage in STAGES:
@@ -283,8 +294,11 @@ def test_unlabelled_rgb_images_run_the_whole_chain(tmp_path, tracking_server):
     metrics = json.loads((repo / "results/eval/metrics.json").read_text())
     assert all(math.isfinite(metrics[name]["value"]) for name in ("fid", "kid", "precision", "recall", "coverage"))
     assert "inception_score" not in metrics and "conditional_accuracy" not in metrics, "no class probabilities"
+    assert metrics["feature_spaces"] == ["featurenet", "colour"] and math.isfinite(metrics["colour"]["fid"]["value"])
     recorded = json.loads((repo / "results/register/model_version.json").read_text())
     assert recorded["model_name"] == "gan-shapes" and recorded["champion"] is True
+    logged = MlflowClient(tracking_server).get_run(recorded["run_id"]).data.metrics
+    assert {"fid", "colour_fid", "colour_real_vs_real_fid"} <= set(logged), "every space's metrics are logged"
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ CASES = {
     "image size": Case(stage("featurenet"), "data.image_size", {"data.image_size": 48}),
     "gate metric": Case(stage("register"), "register.gate_metric", {"register.gate_metric": "beauty"}),
     "tune reports": Case(stage("tune"), "tune.report_every", {"tune.report_every": 10**6}),
-    "inception weights": Case(stage("evaluate"), "eval.inception_weights", {"eval.inception_weights": "/no/i.pt"}),
+    "encoder missing": Case(stage("evaluate"), "eval.feature_spaces", {"eval.feature_spaces": {"dinov2": "/no/d.pt"}}),
     "invalid yaml": Case(stage("featurenet"), "not valid YAML", params_text="data: [unclosed\n"),
     "no params": Case(stage("train"), "params.yaml: not found", params_file=None),
     # missing inputs: each stage run before the one it needs

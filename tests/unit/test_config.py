@@ -42,7 +42,6 @@ def test_shipped_params_are_valid():
         ("model", "augment", ["colour"], "model.augment"),
         ("model", "critic_steps", 0, "model.critic_steps"),
         ("model", "label_smoothing", 1.0, "model.label_smoothing"),
-        ("eval", "inception_weights", "/nonexistent/inception-2015-12-05.pt", "eval.inception_weights"),
         ("register", "gate_metric", "accuracy", "register.gate_metric"),
     ],
 )
@@ -136,3 +135,13 @@ def test_stage_stops_before_compute_and_names_the_key(tmp_path, stage):
     assert "train.num_workers" in finished.stderr
     assert "Traceback" not in finished.stderr, "a bad param is a message, not a crash"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing may be written"
+
+
+@pytest.mark.parametrize(("spaces", "expected"), [
+    ({"inception_v3": "/nonexistent/inception-2015-12-05.pt"}, "eval.feature_spaces.inception_v3: Value error, no such"),
+    ({"featurenet": __file__}, "eval.feature_spaces.featurenet.[key]: Value error, cannot name a feature space"),
+])
+def test_each_feature_space_names_a_word_and_an_existing_file(spaces, expected):
+    with pytest.raises(ConfigError) as error:
+        parse_params(with_change("eval", "feature_spaces", spaces))
+    assert expected in str(error.value)

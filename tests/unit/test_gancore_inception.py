@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from gancore.metrics import InceptionFeatures, inception_features
+from gancore.metrics import InceptionFeatures, TorchScriptFeatures, encoder_features, load_encoder
 
 
 class _ChannelMeans(nn.Module):
@@ -63,8 +63,8 @@ def test_out_of_range_pixels_are_clipped(stand_in):
 
 def test_batched_extraction_matches_one_batch(stand_in):
     images = torch.rand(10, 3, 8, 8) * 2 - 1
-    whole = inception_features(stand_in, images, batch_size=64)
-    batched = inception_features(str(stand_in), images, batch_size=3)
+    whole = encoder_features(stand_in, images, batch_size=64)
+    batched = encoder_features(str(stand_in), images, batch_size=3)
     assert whole.dtype == np.float64 and whole.shape == (10, 2048)
     np.testing.assert_array_equal(batched, whole)
     np.testing.assert_allclose(whole[:, :3], ((images.double() + 1) * 127.5).mean(dim=(2, 3)).numpy(), rtol=1e-6)
@@ -103,3 +103,29 @@ def test_torchscript_without_return_features_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="return_features") as error:
         InceptionFeatures(path)
     assert str(path) in str(error.value)
+
+
+class _MeanAndSpread(torch.nn.Module):
+    """A stand-in for DINOv2 or CLIP exported with torch.jit: (N, 3, H, W) -> (N, 6)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_any_torchscript_encoder_is_a_feature_space_and_inception_is_recognised(tmp_path, stand_in):
+    path = tmp_path / "encoder.pt"
+    torch.jit.save(torch.jit.script(_MeanAndSpread()), str(path))
+    assert isinstance(load_encoder(path), TorchScriptFeatures)
+    assert isinstance(load_encoder(stand_in), InceptionFeatures), "the StyleGAN/clean-fid file keeps its preprocessing"
+    grey = torch.linspace(-2, 2, 2 * 16).reshape(2, 1, 4, 4)
+    features = encoder_features(path, grey, batch_size=1)
+    assert features.shape == (2, 6) and features.dtype == np.float64
+    clamped = grey.clamp(-1, 1)
+    assert np.allclose(features[:, 0], clamped.mean(dim=(1, 2, 3)).numpy()), "grey repeated to RGB, clamped to [-1, 1]"
+
+
+def test_an_encoder_that_does_not_return_features_is_named(tmp_path):
+    path = tmp_path / "images.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))  # returns the images, not (N, D)
+    with pytest.raises(ValueError, match=r"returned shape \(2, 3, 4, 4\)"):
+        encoder_features(path, torch.zeros(2, 3, 4, 4))
