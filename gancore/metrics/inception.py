@@ -13,6 +13,15 @@ _EXPECTED_FILE = (
 )
 
 
+def _load_torchscript(path: Path, what: str, expected: str) -> torch.jit.ScriptModule:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}: {expected}")
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a TorchScript file: {expected}") from error
+
+
 class InceptionFeatures(nn.Module):
     """(N, 2048) pool features of (N, 1 or 3, H, W) images in [-1, 1]; the network resizes to 299x299 itself."""
 
@@ -20,13 +29,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no Inception network at {path}: expected {_EXPECTED_FILE}")
-        try:
-            network = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as error:
-            raise ValueError(f"{path} is not a TorchScript file: expected {_EXPECTED_FILE}") from error
+        network = _load_torchscript(Path(path), "Inception network", f"expected {_EXPECTED_FILE}")
         if "return_features" not in [argument.name for argument in network.forward.schema.arguments]:
             raise ValueError(f"{path} is TorchScript without a return_features argument: expected {_EXPECTED_FILE}")
         self.network = network.eval()
@@ -46,13 +49,7 @@ class TorchScriptFeatures(nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no TorchScript encoder at {path}")
-        try:
-            self.network = torch.jit.load(str(path), map_location="cpu").eval()
-        except RuntimeError as error:
-            raise ValueError(f"{path} is not a TorchScript file (export the encoder with torch.jit)") from error
+        self.network = _load_torchscript(Path(path), "TorchScript encoder", "export the encoder with torch.jit").eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.network(images.float().clamp(-1.0, 1.0).expand(-1, 3, -1, -1))
