@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import free_port, mlflow_server_in, tiny_params
+from conftest import SECRET_ACCESS_KEY, free_port, mlflow_server_in, tiny_params
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -165,8 +165,9 @@ def mlflow_server(tmp_path):
 
 
 def test_register_through_a_tracking_server(workspace, mlflow_server, monkeypatch):
+    """With a password in the tracking URI (basic auth): it is used, and written nowhere."""
     url, artifact_root = mlflow_server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("http://", f"http://ci:{SECRET_ACCESS_KEY}@"))
     write_workspace(workspace, fid=50.0, seed=1)
     register.main()
     name = tiny_params()["register"]["model_name"]
@@ -174,7 +175,10 @@ def test_register_through_a_tracking_server(workspace, mlflow_server, monkeypatc
     assert not (workspace / "mlflow.db").exists(), "with a server configured nothing is tracked locally"
     assert any(path.name == "samples.png" for path in artifact_root.rglob("*")), "artifacts reach the server"
     recorded = json.loads((workspace / "results/register/model_version.json").read_text())
-    assert recorded["tracking_uri"] == url
+    assert recorded["tracking_uri"] == url, "the URI is recorded without its credentials"
+    written = [path for path in workspace.rglob("*")
+               if path.is_file() and SECRET_ACCESS_KEY.encode() in path.read_bytes()]
+    assert not written, f"the password was written to {written}"
 
 
 def champion_after(workspace: Path, name: str, **challenger) -> dict[str, str]:
