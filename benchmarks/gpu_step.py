@@ -2,8 +2,8 @@
 
     python benchmarks/gpu_step.py [--rounds 3] [--steps 60] [--out gpu_step.json]
 
-Each row is gancore's TrainingState (the default DCGAN at --cases' size, batch and width, conditional on 10 classes, params.yaml's recipe values
-written out below) wrapped as a Ray Train GPU worker wraps it: G and D each in DistributedDataParallel with
+Each row is gancore's TrainingState (the default DCGAN at --cases' size, batch and width, conditional on
+10 classes, params.yaml's recipe values written out below) wrapped as a Ray Train GPU worker wraps it: G and D each in DistributedDataParallel with
 DDP_OPTIONS over an NCCL process group (world size 1: one GPU here), tensors moved to the GPU; the bf16 rows add
 what train.use_gpu turns on (channels-last tensors and bf16 autocast for the forward passes). Needs torch,
 numpy and scipy only, so it runs where Ray is not installed. Rows run in interleaved rounds and every ratio is

@@ -202,9 +202,10 @@ def main() -> None:
     optimizer = tuned_optimizer(params)
     name = run_name(params, optimizer, run_inputs(manifest))
     client, parent, run_id = start_tracking(params, manifest, optimizer, name)
+    conditional = " conditional" if params.model.classes(len(manifest["class_names"])) else ""
     print(f"[train] {manifest['counts']['train']} images, {params.train.num_workers} workers x batch "
           f"{params.train.batch_size}, {params.train.steps} steps, {params.model.family}"
-          f"{' conditional' if params.model.classes(len(manifest['class_names'])) else ''}, optimizer {optimizer}, Ray run {name},"
+          f"{conditional}, optimizer {optimizer}, Ray run {name},"
           f" MLflow run {run_id}", flush=True)
     try:
         state = train(params, optimizer, name, (StepMetrics(mlflow.get_tracking_uri(), run_id),))

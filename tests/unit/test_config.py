@@ -138,7 +138,8 @@ def test_stage_stops_before_compute_and_names_the_key(tmp_path, stage):
 
 
 @pytest.mark.parametrize(("spaces", "expected"), [
-    ({"inception_v3": "/nonexistent/inception-2015-12-05.pt"}, "eval.feature_spaces.inception_v3: Value error, no such"),
+    ({"inception_v3": "/nonexistent/inception-2015-12-05.pt"},
+     "eval.feature_spaces.inception_v3: Value error, no such"),
     ({"featurenet": __file__}, "eval.feature_spaces.featurenet.[key]: Value error, cannot name a feature space"),
 ])
 def test_each_feature_space_names_a_word_and_an_existing_file(spaces, expected):

@@ -82,7 +82,8 @@ def test_dropping_half_of_the_modes_costs_fid_and_collapse_is_caught_without_lab
 def test_nt_xent_rewards_agreeing_views_and_views_of_an_image_agree():
     generator = torch.Generator().manual_seed(0)
     projections = torch.randn(32, 16, generator=generator)
-    assert nt_xent(projections, projections) < nt_xent(projections, projections[torch.randperm(32, generator=generator)])
+    shuffled = projections[torch.randperm(32, generator=generator)]
+    assert nt_xent(projections, projections) < nt_xent(projections, shuffled)
     images = from_uint8(shapes(8, seed=5)[0])
     view = random_view(images, torch.Generator().manual_seed(1))
     assert view.shape == images.shape and not torch.equal(view, images)
