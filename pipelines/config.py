@@ -38,6 +38,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
 
 
+def s3_or_local(uri: str, what: str) -> str:
+    """`uri` when it is s3://... or a path; the pipeline reads and writes nothing else (gs://, az://, ...)."""
+    if "://" in uri and not uri.startswith("s3://"):
+        raise ValueError(f"{uri.split('://')[0]}:// {what} are not supported; use s3://bucket/prefix (any"
+                         " S3-compatible store via AWS_ENDPOINT_URL) or a local or shared folder")
+    return uri
+
+
 class DataParams(Section):
     source: str
     image_size: int
@@ -65,10 +73,7 @@ class DataParams(Section):
     def _source_uri(cls, value: str) -> str:
         if value.startswith("s3://") and len(value) <= len("s3://"):
             raise ValueError("s3:// URI needs a bucket, e.g. s3://my-bucket/images")
-        if "://" in value and not value.startswith("s3://"):
-            raise ValueError(f"{value.split('://')[0]}:// sources are not supported; use s3://bucket/prefix (any"
-                             " S3-compatible store via AWS_ENDPOINT_URL) or a local folder")
-        return value.rstrip("/")
+        return s3_or_local(value, "sources").rstrip("/")
 
 
 class FeaturenetParams(Section):
@@ -203,11 +208,7 @@ class TrainParams(OptimizerParams):
     @field_validator("storage_path")
     @classmethod
     def _supported_storage(cls, value: str) -> str:
-        scheme = value.split("://", 1)[0] if "://" in value else None
-        if scheme is not None and scheme != "s3":
-            raise ValueError(f"{scheme}:// storage is not supported; use a local or shared folder, or"
-                             " s3://bucket/prefix (MinIO and other S3-compatible stores via AWS_ENDPOINT_URL)")
-        return value
+        return s3_or_local(value, "storage paths")
 
     @field_validator("num_workers")
     @classmethod

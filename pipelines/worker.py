@@ -94,6 +94,10 @@ class LoopConfig:
             **budget,
         )
 
+    def images_per_step(self) -> int:
+        """Real images one worker reads per generator step (one batch per critic step)."""
+        return self.batch_size * self.step.critic_steps
+
     def optimizer(self) -> OptimizerSettings:
         return OptimizerSettings(lr_g=self.lr_g, lr_d=self.lr_d, beta1=self.beta1, beta2=self.beta2)
 
@@ -294,10 +298,7 @@ class WorkerRun:
     world_size: int
     memory_format: torch.memory_format
     autocast_dtype: torch.dtype | None
-
-    @property
-    def images_per_step(self) -> int:
-        return self.config.batch_size * self.config.step.critic_steps
+    noise: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))  # re-seeded every step
 
 
 @dataclass
@@ -321,7 +322,7 @@ def start(config: LoopConfig) -> WorkerRun | None:
     device = ray.train.torch.get_device()
     memory_format, autocast_dtype = wrap_for_device(state, device)
     batches = ShardedBatches(list(config.shard_counts), lambda shard: decode_shard(ray.get(config.data[shard])),
-                             config.batch_size * config.step.critic_steps, config.seed, rank, world_size)
+                             config.images_per_step(), config.seed, rank, world_size)
     return WorkerRun(config, state, progress, ray.get(config.reference), batches, device, rank, world_size,
                      memory_format, autocast_dtype)
 
@@ -329,11 +330,11 @@ def start(config: LoopConfig) -> WorkerRun | None:
 def train_step(run: WorkerRun, step: int) -> dict[str, float]:
     """One G update (and its D updates) on this worker's batch and noise for `step`; its losses and norms."""
     real_images, real_labels = run.batches.batch(step)
-    noise = torch.Generator(device="cpu").manual_seed(step_noise_seed(run.config.seed, step, run.rank))
+    run.noise.manual_seed(step_noise_seed(run.config.seed, step, run.rank))
     return run.state.iteration(
         from_uint8(real_images).to(run.device, memory_format=run.memory_format),
         torch.from_numpy(real_labels).to(run.device) if run.config.model.num_classes else None, run.config.step,
-        noise, run.autocast_dtype,
+        run.noise, run.autocast_dtype,
     )
 
 
@@ -353,7 +354,7 @@ def judge(run: WorkerRun, done: int, losses: dict[str, float], window: Window) -
     health = run.config.health
     problem = all_workers_agree(health_problem(done, losses, health), run.device)
     elapsed = time.perf_counter() - window.started
-    metrics = {"step": done, "images_per_second": window.steps * run.images_per_step * run.world_size / elapsed,
+    metrics = {"step": done, "images_per_second": window.steps * run.config.images_per_step() * run.world_size / elapsed,
                **losses, **resource_usage(run.device, time.process_time() - window.cpu_started, elapsed)}
     if evaluation_due(run.config, done) and problem is None:
         # Every worker evaluates the same EMA weights on the same latents, so all reach the same verdict.

@@ -38,7 +38,7 @@ CASES = {
     # params
     "unknown key": Case(stage("featurenet"), "train.nope", {"train.nope": 1}),
     "wrong type": Case(stage("featurenet"), "train.steps", {"train.steps": "many"}),
-    "storage scheme": Case(stage("train"), "gs:// storage is not supported", {"train.storage_path": "gs://b/ray"}),
+    "storage scheme": Case(stage("train"), "gs:// storage paths are not supported", {"train.storage_path": "gs://b/ray"}),
     "source scheme": Case(stage("prepare"), "gs:// sources are not supported", {"data.source": "gs://b/images"},
                           exit_code=2),
     "image size": Case(stage("featurenet"), "data.image_size", {"data.image_size": 48}),
