@@ -14,6 +14,12 @@ export RAY_USAGE_STATS_ENABLED := 0
 # For real S3/MinIO, set data.source in params.yaml and the AWS_* variables, and run `dvc repro` instead.
 EMBEDDED_ENV = eval "$$(gan stack env)" &&
 
+# make pipeline PRESET=photos-64: the same pipeline with the params of presets/photos-64 set through
+# `dvc exp run -S` (params.yaml is changed in place, as dvc exp run does; git diff shows it).
+PRESET ?=
+PRESET_FILE = presets/$(PRESET)
+REPRO = $(if $(PRESET),dvc exp run $(addprefix -S ,$(shell grep -v '^\#' $(PRESET_FILE) 2>/dev/null)),dvc repro)
+
 .PHONY: setup pipeline test stack-up stack-down clean
 
 setup: $(STAMP)
@@ -33,7 +39,8 @@ stack-down: setup
 	gan stack down
 
 pipeline: stack-up
-	$(EMBEDDED_ENV) time dvc repro
+	@test -z "$(PRESET)" -o -f "$(PRESET_FILE)" || { echo "make: error: no preset $(PRESET_FILE); choose one of: $$(ls presets | tr "\n" " ")" >&2; exit 2; }
+	$(EMBEDDED_ENV) time $(REPRO)
 	$(EMBEDDED_ENV) dvc push
 	dvc metrics show
 

@@ -18,7 +18,7 @@ from gancore.augment import POLICIES
 from gancore.losses import LOSSES, SMOOTHABLE
 from gancore.metrics.registry import SET_METRICS, MetricSettings
 from gancore.models import FAMILIES, ModelSpec
-from gancore.models.layers import IMAGE_SIZES
+from gancore.models.layers import IMAGE_SIZES, scaled_base_channels
 from gancore.step import StepSettings
 from pipelines.errors import UserError
 
@@ -88,7 +88,7 @@ class FeaturenetParams(Section):
 class ModelParams(Section):
     family: str
     latent_dim: PositiveInt
-    base_channels: PositiveInt
+    base_channels: PositiveInt | Literal["auto"]
     conditional: bool | Literal["auto"]
     spectral_norm: bool
     minibatch_discrimination: bool
@@ -156,7 +156,8 @@ class ModelParams(Section):
         """The architecture for gancore's build_gan, for data of this shape."""
         return ModelSpec(
             family=self.family, latent_dim=self.latent_dim, channels=channels, image_size=image_size,
-            base_channels=self.base_channels, num_classes=self.classes(num_classes),
+            base_channels=scaled_base_channels(image_size) if self.base_channels == "auto" else self.base_channels,
+            num_classes=self.classes(num_classes),
             spectral_norm=self.spectral_norm, minibatch_discrimination=self.minibatch_discrimination,
         )
 

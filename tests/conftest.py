@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.stack import endpoint_url, seed_mnist, start_s3_server, stop
+from pipelines.sample_data import seed
+from pipelines.stack import endpoint_url, ensure_bucket, start_s3_server, stop
 from pipelines.storage import s3_client
 
 
@@ -64,7 +65,8 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def seeded_bucket(s3_endpoint: str) -> str:
     """s3://gan-test-data/mnist holding 600 class-balanced MNIST PNGs."""
-    seed_mnist("gan-test-data", "mnist", limit=600)
+    ensure_bucket("gan-test-data")
+    seed("mnist", "gan-test-data", "mnist", limit=600)
     return "s3://gan-test-data/mnist"
 
 
