@@ -78,6 +78,7 @@ class DataParams(Section):
 
 class FeaturenetParams(Section):
     epochs: PositiveInt
+    encoder_steps: PositiveInt
     batch_size: PositiveInt
     lr: PositiveFloat
     feature_dim: PositiveInt

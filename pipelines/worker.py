@@ -113,28 +113,26 @@ class LoopConfig:
 
 
 def evaluate_samples(generator: torch.nn.Module, reference: dict, config: LoopConfig, device) -> dict[str, float]:
-    """Domain-FID, class coverage, diversity (over all samples and within each class) and, for a conditional
-    model, conditional accuracy of EMA samples against the real reference."""
+    """Domain-FID, coverage of the real features' k-means modes, diversity (over all samples and within each
+    mode, or each class asked of a conditional model) and a conditional model's accuracy on its labels."""
     num_classes = config.model.num_classes
     fakes = generate_images(generator, config.health.samples, config.model.latent_dim, seed=config.health.seed,
                             device=device, num_classes=num_classes)
     features, probabilities = extract(reference["classifier"], fakes)
-    if "centroids" in reference:  # unlabelled data: the nearest k-means mode of the real features
-        predicted, classes_seen = pseudo_classes(features, reference["centroids"]), len(reference["centroids"])
-    else:
-        predicted, classes_seen = probabilities.argmax(axis=1), probabilities.shape[1]
+    modes = pseudo_classes(features, reference["centroids"])
     requested = requested_labels(len(fakes), num_classes)
-    # A conditional sample belongs to the class it was asked for; an unconditional one to featurenet's guess.
-    classes = predicted if requested is None else requested.numpy()
+    # Within-group diversity: a conditional sample belongs to the class it was asked for, any other to its mode.
+    groups, real_groups = ((modes, reference["modes"]) if requested is None
+                           else (requested.numpy(), reference["classes"]))
     mu, sigma = gaussian_statistics(features)
     metrics = {
         "fid": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
-        "class_coverage": class_coverage(predicted, classes_seen),
+        "class_coverage": class_coverage(modes, len(reference["centroids"])),
         "diversity": diversity_ratio(features, reference["features"]),
-        "class_diversity": class_diversity(features, classes, reference["features"], reference["classes"]),
+        "class_diversity": class_diversity(features, groups, reference["features"], real_groups),
     }
     if requested is not None:
-        metrics["conditional_accuracy"] = conditional_accuracy(predicted, classes)
+        metrics["conditional_accuracy"] = conditional_accuracy(probabilities.argmax(axis=1), requested.numpy())
     return metrics
 
 

@@ -75,7 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough that the whole pipeline runs in a couple of minutes on 2 cores.
 TINY_OVERRIDES = {
     "data": {"image_size": 16, "shard_size": 256, "download_workers": 8},
-    "featurenet": {"epochs": 2, "batch_size": 64},
+    "featurenet": {"epochs": 2, "encoder_steps": 14, "batch_size": 64},
     "model": {"latent_dim": 16, "base_channels": 8},
     "train": {"num_workers": 2, "batch_size": 16, "steps": 24, "log_every": 8, "checkpoint_every": 8,
               # A tiny model's samples are poor by design: check them, but never stop the run for it.

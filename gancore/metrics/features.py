@@ -25,15 +25,21 @@ def extract(classifier: nn.Module, images: torch.Tensor, batch_size: int = 256) 
     return torch.cat(features).numpy(), torch.cat(probs).numpy()
 
 
-def reference_statistics(features: np.ndarray, labels: np.ndarray, keep: int = 1000) -> dict[str, np.ndarray]:
+def reference_statistics(features: np.ndarray, labels: np.ndarray | None, keep: int = 1000,
+                         modes: int = 10) -> dict[str, np.ndarray]:
     """What samples are compared against while training: the Gaussian statistics of real features
-    (domain-FID) and a fixed random subset of `keep` features with their labels (diversity checks)."""
+    (domain-FID), the k-means centroids of `modes` modes of the features (the collapse check counts these,
+    labelled or not), and a fixed random subset of `keep` features with their modes and, when labelled,
+    their classes (diversity checks)."""
     mu, sigma = gaussian_statistics(features)
+    centroids = pseudo_class_centroids(features, modes)
     subset = np.random.default_rng(0).permutation(len(features))[:keep]
-    return {"mu": mu, "sigma": sigma, "features": features[subset], "classes": labels[subset]}
+    reference = {"mu": mu, "sigma": sigma, "centroids": centroids, "features": features[subset],
+                 "modes": pseudo_classes(features[subset], centroids)}
+    return reference if labels is None else {**reference, "classes": labels[subset]}
 
 
-def feature_reference(classifier: nn.Module, images: torch.Tensor, labels: np.ndarray) -> dict:
+def feature_reference(classifier: nn.Module, images: torch.Tensor, labels: np.ndarray | None) -> dict:
     """The classifier and reference_statistics of real `images` (in [-1, 1]) in its feature space."""
     features, _ = extract(classifier, images)
     return {"classifier": classifier.cpu().eval(), **reference_statistics(features, labels)}

@@ -20,8 +20,9 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import REPO, SECRET_ACCESS_KEY, free_port, mlflow_server_in, shapes, tiny_params
+from conftest import REPO, SECRET_ACCESS_KEY, free_port, mlflow_server_in, tiny_params
 from pipelines.cli import UPLOAD_DEFAULT_EXCLUDES
+from pipelines.sample_data import seed
 from pipelines.stack import ensure_bucket
 from pipelines.storage import list_objects
 
@@ -269,18 +270,16 @@ class ColourStatistics(torch.nn.Module):
         return torch.cat([images.mean(dim=(2, 3)), images.std(dim=(2, 3))], dim=1)
 
 
-def test_unlabelled_rgb_images_run_the_whole_chain(tmp_path, tracking_server):
-    """A flat folder of RGB images (no classes): a self-supervised feature space, an unconditional model scored
-    and guarded without labels (and in a user's TorchScript space too), and a registered version."""
-    images, _ = shapes(600, seed=0)
-    folder = tmp_path / "shapes"
-    folder.mkdir()
-    for index, image in enumerate(images):
-        Image.fromarray(image).save(folder / f"{index:04d}.png")
+def test_unlabelled_rgb_images_run_the_whole_chain(s3_endpoint, tmp_path, tracking_server):
+    """The embedded RGB dataset (600 of its photo crops, one flat prefix in the loopback S3 server: no classes):
+    a self-supervised feature space, an unconditional model scored and guarded without labels (and in a user's
+    TorchScript space too), and a registered version."""
+    ensure_bucket("gan-test-data")
+    seed("photo-patches", "gan-test-data", "photo-patches", limit=600)
     encoder = tmp_path / "colour.pt"
     torch.jit.save(torch.jit.script(ColourStatistics()), str(encoder))
-    params = tiny_params(data={"source": str(folder), "channels": 3},
-                         register={"model_name": "gan-shapes", "max_fid_ratio": 1e6},
+    params = tiny_params(data={"source": "s3://gan-test-data/photo-patches", "channels": 3},
+                         register={"model_name": "gan-photos", "max_fid_ratio": 1e6},
                          eval={"feature_spaces": {"colour": str(encoder)}})
     repo = copy_repository(tmp_path / "repo", params)
     log = run(["dvc", "repro"], repo)
@@ -295,7 +294,7 @@ def test_unlabelled_rgb_images_run_the_whole_chain(tmp_path, tracking_server):
     assert "inception_score" not in metrics and "conditional_accuracy" not in metrics, "no class probabilities"
     assert metrics["feature_spaces"] == ["featurenet", "colour"] and math.isfinite(metrics["colour"]["fid"]["value"])
     recorded = json.loads((repo / "results/register/model_version.json").read_text())
-    assert recorded["model_name"] == "gan-shapes" and recorded["champion"] is True
+    assert recorded["model_name"] == "gan-photos" and recorded["champion"] is True
     logged = MlflowClient(tracking_server).get_run(recorded["run_id"]).data.metrics
     assert {"fid", "colour_fid", "colour_real_vs_real_fid"} <= set(logged), "every space's metrics are logged"
 

@@ -37,7 +37,7 @@ def test_featurenet_round_trips_and_a_planted_pickle_is_refused_unexecuted(tmp_p
     loaded = load_featurenet(tmp_path / "featurenet.pt")
     assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), loaded.state_dict().values()))
     reference = load_reference(tmp_path / "featurenet.pt")
-    assert set(reference) == {"classifier", "mu", "sigma", "features", "classes"}
+    assert set(reference) == {"classifier", "mu", "sigma", "centroids", "features", "modes", "classes"}
     np.testing.assert_array_equal(reference["mu"], features.mean(axis=0))  # the held-out statistics, not recomputed
     assert reference["features"].shape == (10, 8) and reference["classes"].dtype == np.int64
 

@@ -3,25 +3,28 @@
 Each space is trained here as the featurenet stage trains it (a classifier with labels, a SimCLR encoder
 without), then checked: two independent real samples are close; FID grows with the strength of noise and of
 blur; losing half of the modes (half of the k-means clusters of the real features) costs FID; and collapse
-to one mode is caught by the label-free health check.
+to one mode is caught by the health check, which counts k-means modes of the features in both spaces.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHAPE_KINDS, shapes
+from conftest import SHAPE_KINDS, shapes, tiny_params
 
 from gancore.contrastive import nt_xent, random_view
 from gancore.health import ModeCollapseError, check_mode_collapse, class_coverage
 from gancore.images import from_uint8
 from gancore.metrics import extract, fid
 from gancore.metrics.features import pseudo_class_centroids, pseudo_classes
-from pipelines.config import FeaturenetParams
+from pipelines.config import FeaturenetParams, HealthParams
 from pipelines.dataset import DatasetError
-from pipelines.featurenet import MIN_ENCODER_IMAGES, train_encoder, train_featurenet
+from pipelines.featurenet import MIN_ENCODER_IMAGES, reference, train_encoder, train_featurenet
+from pipelines.worker import evaluate_samples, health_problem
 
 
 
@@ -34,20 +37,22 @@ def blur(images: torch.Tensor, passes: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=["classifier", "contrastive"])
 def space(request):
-    """(featurenet, real features of a second held-out sample, and the held-out images themselves)."""
-    settings = FeaturenetParams(epochs=6, batch_size=64, lr=0.002, feature_dim=64, seed=0, reference_images=512)
+    """(featurenet, real features of a second held-out sample, the held-out images themselves, and the
+    reference the featurenet stage stores for training's checks: with the held-out labels where it has any)."""
+    settings = FeaturenetParams(epochs=6, encoder_steps=96, batch_size=64, lr=0.002, feature_dim=64, seed=0, reference_images=512)
     images, kinds = shapes(1024, seed=0)
     if request.param == "classifier":
         featurenet = train_featurenet(images, kinds, SHAPE_KINDS, settings)
     else:
         featurenet = train_encoder(images, settings)
-    held_out, _ = shapes(600, seed=1)
+    held_out, held_out_kinds = shapes(600, seed=1)
     second, _ = shapes(600, seed=2)
-    return featurenet, extract(featurenet, from_uint8(second))[0], from_uint8(held_out)
+    stored = reference(featurenet, held_out, held_out_kinds if request.param == "classifier" else None)
+    return featurenet, extract(featurenet, from_uint8(second))[0], from_uint8(held_out), stored
 
 
 def distance(space, images: torch.Tensor) -> float:
-    featurenet, reference, _ = space
+    featurenet, reference, *_ = space
     return fid(extract(featurenet, images.clamp(-1, 1))[0], reference)
 
 
@@ -62,7 +67,7 @@ def test_real_against_real_is_small_and_noise_and_blur_cost_more_with_strength(s
 
 
 def test_dropping_half_of_the_modes_costs_fid_and_collapse_is_caught_without_labels(space):
-    featurenet, _, real = space
+    featurenet, _, real, _ = space
     features = extract(featurenet, real)[0]
     centroids = pseudo_class_centroids(features, classes=10)
     modes = pseudo_classes(features, centroids)
@@ -79,6 +84,36 @@ def test_dropping_half_of_the_modes_costs_fid_and_collapse_is_caught_without_lab
         check_mode_collapse(500, one_mode, 1.0, min_coverage=0.3, min_diversity=0.25)
 
 
+class Replay(torch.nn.Module):
+    """A stand-in generator: image i for latent i (wrapping around), labels ignored."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.images = images
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.served = getattr(self, "served", 0) + len(z)
+        return self.images[torch.arange(self.served - len(z), self.served) % len(self.images)]
+
+
+def test_training_stops_a_run_collapsed_onto_one_mode_in_either_space(space):
+    """The worker's own check, on the reference the featurenet stage stores: real images pass, one image
+    repeated (with noise) is stopped as collapsed, whether the space was learnt with labels or without."""
+    featurenet, _, real, stored = space
+    health = HealthParams(**tiny_params()["train"]["health"] | {"samples": 400, "min_class_coverage": 0.3,
+                                                                "min_diversity": 0.25, "warmup_steps": 0})
+    config = SimpleNamespace(model=SimpleNamespace(num_classes=0, latent_dim=8), health=health)
+    reference_of = {"classifier": featurenet, **stored}
+    collapsed = real[:1] + 0.01 * torch.randn(real.shape, generator=torch.Generator().manual_seed(4))
+    steady = {"loss_d": 1.0, "loss_g": 1.0, "grad_norm_d": 1.0, "grad_norm_g": 1.0}
+    judged = {}
+    for name, images in (("real", real), ("collapsed", collapsed)):
+        metrics = evaluate_samples(Replay(images), reference_of, config, "cpu")
+        judged[name] = metrics["class_coverage"], health_problem(500, {**steady, **metrics}, health)
+    assert judged["real"][0] > 0.8 and judged["real"][1] is None, judged
+    assert judged["collapsed"][0] < 0.1 and "mode collapse" in judged["collapsed"][1], judged
+
+
 def test_nt_xent_rewards_agreeing_views_and_views_of_an_image_agree():
     generator = torch.Generator().manual_seed(0)
     projections = torch.randn(32, 16, generator=generator)
@@ -92,6 +127,6 @@ def test_nt_xent_rewards_agreeing_views_and_views_of_an_image_agree():
 
 
 def test_an_encoder_needs_enough_images():
-    settings = FeaturenetParams(epochs=1, batch_size=64, lr=0.002, feature_dim=64, seed=0, reference_images=64)
+    settings = FeaturenetParams(epochs=1, encoder_steps=16, batch_size=64, lr=0.002, feature_dim=64, seed=0, reference_images=64)
     with pytest.raises(DatasetError, match=f"needs at least {MIN_ENCODER_IMAGES}"):
         train_encoder(shapes(100, seed=0)[0], settings)
