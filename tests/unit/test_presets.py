@@ -1,7 +1,9 @@
 """`make pipeline PRESET=...` and `dvc exp run -S` edit params.yaml through DVC's own override code
 (`dvc.utils.hydra.apply_overrides`); what they write must still be a valid params.yaml that says what was set."""
 
+import shlex
 import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -14,7 +16,12 @@ PRESETS = sorted((REPO / "presets").iterdir())
 
 
 def preset_overrides(preset) -> list[str]:
-    return [line for line in preset.read_text().splitlines() if line and not line.startswith("#")]
+    """The -S arguments `make pipeline PRESET=...` passes to `dvc exp run` (make -n prints, runs nothing)."""
+    plan = subprocess.run(["make", "-n", "pipeline", f"PRESET={preset.name}"], cwd=REPO, check=True,
+                          capture_output=True, text=True).stdout
+    words = shlex.split(next(line for line in plan.splitlines() if "dvc exp run" in line).split("dvc exp run", 1)[1])
+    assert words and words[::2] == ["-S"] * (len(words) // 2), words
+    return words[1::2]
 
 
 def test_presets_exist_for_the_embedded_rgb_dataset():
