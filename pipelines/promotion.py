@@ -51,7 +51,12 @@ def promotion_lock(client: MlflowClient, name: str, timeout: float = 300.0) -> I
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        held = client.get_registered_model(lock).tags
+        try:
+            held = client.get_registered_model(lock).tags
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            continue  # its holder let go between our two calls: compete for it again
         if time.time() - float(held.get("since", 0)) > LOCK_STALE_SECONDS:
             client.delete_registered_model(lock)  # its holder died: free it, then compete for it again
         elif time.monotonic() > deadline:

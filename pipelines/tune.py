@@ -218,7 +218,7 @@ def seeded_pbt_draws(rng: random.Random) -> Iterator[None]:
         ray_pbt.random = global_random
 
 
-def search_method(settings: TuneParams, reports: int, rng: random.Random) -> tuple:
+def search_method(settings: TuneParams, trials: int, reports: int, rng: random.Random) -> tuple:
     """(search algorithm, scheduler) for tune.search, both seeded from tune.seed."""
     if settings.search == "optuna":
         # Batches: each set of suggestions sees every finished trial and no running one, whatever the
@@ -234,7 +234,7 @@ def search_method(settings: TuneParams, reports: int, rng: random.Random) -> tup
             custom_explore_fn=clip_to_space(settings.search_space),
         )
     rungs = halving_rungs(settings.grace_period, settings.reduction_factor, reports)
-    return configs, SynchronousHalving(settings.num_samples, rungs, settings.reduction_factor)
+    return configs, SynchronousHalving(trials, rungs, settings.reduction_factor)
 
 
 def run_search(params: Params, shards, reference_ref, shape: dict) -> tune.ResultGrid:
@@ -251,16 +251,17 @@ def run_search(params: Params, shards, reference_ref, shape: dict) -> tune.Resul
     ).to_dict()
     storage_path, filesystem = storage(params.train.storage_path)
     reports = math.ceil(settings.steps / settings.report_every)
+    trials = settings.trials(shape["image_size"])
     rng = random.Random(settings.seed)
-    search_alg, scheduler = search_method(settings, reports, rng)
+    search_alg, scheduler = search_method(settings, trials, reports, rng)
     trial = tune.with_parameters(
         run_trial, base=base, storage_path=storage_path, filesystem=filesystem, num_workers=settings.num_workers
     )
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"cpu": DRIVERS_CPU / settings.num_samples}),
+        tune.with_resources(trial, {"cpu": DRIVERS_CPU / trials}),
         param_space=search_space(settings.search_space),
         # reuse_actors: a paused trial's driver, idle in report(), is handed the next trial to run (no new process).
-        tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=settings.num_samples,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=trials,
                                     search_alg=search_alg, scheduler=scheduler, reuse_actors=True),
         # Stopped at the last report, before any scheduler sees it: PBT never perturbs a finished trial.
         run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=filesystem,

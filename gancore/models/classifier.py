@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+STEM_SIZE = 32  # the resolution the convolutions past the stem work at
+
 
 def _conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
     # GroupNorm, not BatchNorm: features must not depend on batch composition or train/eval mode.
@@ -11,6 +13,17 @@ def _conv_block(in_channels: int, out_channels: int) -> list[nn.Module]:
         nn.GroupNorm(8, out_channels),
         nn.ReLU(inplace=True),
     ]
+
+
+def _stem(in_channels: int, image_size: int) -> list[nn.Module]:
+    # Past 32 px, 4x4 stride-2 convolutions bring the image to 32 px, so the net costs about what it does at
+    # 32 px while its first layer still sees every pixel (benchmarks/feature_space.py checks what it sees).
+    layers = []
+    while image_size > STEM_SIZE:
+        layers += [nn.Conv2d(in_channels, 16, 4, stride=2, padding=1, bias=False), nn.GroupNorm(8, 16),
+                   nn.ReLU(inplace=True)]
+        in_channels, image_size = 16, image_size // 2
+    return layers
 
 
 class Classifier(nn.Module):
@@ -25,7 +38,7 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.body = nn.Sequential(
-            *_conv_block(channels, 16),
+            *(_stem(channels, image_size) if image_size > STEM_SIZE else _conv_block(channels, 16)),
             nn.MaxPool2d(2),
             *_conv_block(16, 32),
             nn.MaxPool2d(2),

@@ -23,8 +23,17 @@ def test_shipped_params_are_valid():
     params = load_params(REPO / "params.yaml")
     assert params.train.num_workers >= 1
     assert params.data.source.startswith("s3://")
-    assert params.tune.num_samples >= 4, "the issue asks for at least 4 trials by default"
+    assert params.tune.trials(params.data.image_size) >= 4, "the issue asks for at least 4 trials by default"
     assert {"lr_g", "lr_d", "beta1", "beta2"} <= set(params.tune.search_space)
+
+
+def test_auto_trials_give_way_past_32_px_and_a_number_is_kept():
+    """64 px steps cost ~1.7x more: the default search halves there so the run keeps its time; a number is a number."""
+    auto = parse_params(with_change("tune", "num_samples", "auto")).tune
+    assert [auto.trials(size) for size in (16, 32, 64, 128)] == [4, 4, 2, 2]
+    assert parse_params(with_change("tune", "num_samples", 6)).tune.trials(64) == 6
+    with pytest.raises(ConfigError, match=r"tune\.num_samples"):
+        parse_params(with_change("tune", "num_samples", "many"))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
 
 from gancore.models import FAMILIES, ModelSpec, build_gan, dcgan, mlp, sngan
 from gancore.models.classifier import Classifier
@@ -290,7 +291,7 @@ def test_dcgan_init_statistics():
         assert gains.std().item() == pytest.approx(0.02, rel=0.25)
 
 
-@pytest.mark.parametrize("image_size", [28, 32])
+@pytest.mark.parametrize("image_size", [28, 32, 64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_classifier_shapes(image_size, channels):
     model = Classifier(channels, image_size, num_classes=10, feature_dim=32)
@@ -299,6 +300,18 @@ def test_classifier_shapes(image_size, channels):
     assert features.shape == (5, 32)
     assert (features >= 0).all()  # taken after the ReLU
     assert model(x).shape == (5, 10)
+
+
+def test_classifier_past_32_px_costs_about_what_it_does_at_32_and_sees_every_pixel():
+    def flops(image_size: int) -> int:
+        with FlopCounterMode(display=False) as counter:
+            Classifier(3, image_size, 10).features(torch.zeros(1, 3, image_size, image_size))
+        return counter.get_total_flops()
+
+    assert flops(64) < 1.5 * flops(32) and flops(128) < 4 * flops(32), "the stem keeps the featurenet stage short"
+    image = torch.rand(2, 3, 64, 64, requires_grad=True)
+    Classifier(3, 64, 10).features(image).sum().backward()
+    assert (image.grad.abs().sum(dim=(0, 1)) > 0).all(), "a stride must not skip pixels (artefacts live there)"
 
 
 def test_classifier_is_small_and_batch_independent():
