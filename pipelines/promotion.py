@@ -16,6 +16,7 @@ import json
 import random
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,10 +43,10 @@ def mover() -> str:
 def promotion_lock(client: MlflowClient, name: str, timeout: float = 300.0) -> Iterator[None]:
     """Registry-wide mutual exclusion for read-compare-move: creating a registered model is atomic on every
     MLflow store (names are unique), so whoever creates `<name>--promotion-lock` holds it until deleting it."""
-    lock, deadline = f"{name}{LOCK_SUFFIX}", time.monotonic() + timeout
+    lock, deadline, token = f"{name}{LOCK_SUFFIX}", time.monotonic() + timeout, uuid.uuid4().hex
     while True:
         try:
-            client.create_registered_model(lock, tags={"holder": mover(), "since": str(time.time())},
+            client.create_registered_model(lock, tags={"holder": mover(), "since": str(time.time()), "token": token},
                                            description="held while a version is registered or an alias moves")
             break
         except MlflowException as error:
@@ -57,6 +58,8 @@ def promotion_lock(client: MlflowClient, name: str, timeout: float = 300.0) -> I
             if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             continue  # its holder let go between our two calls: compete for it again
+        if held.get("token") == token:
+            break  # our create succeeded; its answer was lost, and the client's retry was refused
         if time.time() - float(held.get("since", 0)) > LOCK_STALE_SECONDS:
             client.delete_registered_model(lock)  # its holder died: free it, then compete for it again
         elif time.monotonic() > deadline:
@@ -66,7 +69,12 @@ def promotion_lock(client: MlflowClient, name: str, timeout: float = 300.0) -> I
     try:
         yield
     finally:
-        client.delete_registered_model(lock)
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException as error:
+            # MLflow's client retries a delete whose answer was lost (a busy server): the retry finds it gone.
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
 
 @dataclass(frozen=True)

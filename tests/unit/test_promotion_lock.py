@@ -1,4 +1,5 @@
-"""The registry lock's race: its holder can let go between a failed create and the look at who holds it."""
+"""The registry lock's races on a busy MLflow server: its holder lets go between a failed create and the look at who
+holds it; a delete whose answer was lost is retried by MLflow's client and finds the lock gone."""
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
@@ -33,3 +34,42 @@ def test_a_lock_freed_between_create_and_get_is_taken_not_an_error():
     with promotion_lock(registry, "gan-mnist"):
         assert registry.locked, "this process holds the lock inside the block"
     assert registry.calls == ["create", "get", "create", "delete"] and not registry.locked
+
+
+class RegistryThatLosesTheDeleteAnswer(RegistryWhoseHolderLetsGo):
+    """The lock is free; deleting it succeeds on the server, but the client's retry is told it does not exist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.locked = False
+
+    def delete_registered_model(self, name):
+        super().delete_registered_model(name)
+        raise MlflowException(f"{name} not found", error_code=RESOURCE_DOES_NOT_EXIST)
+
+
+def test_a_release_whose_retry_finds_the_lock_gone_ends_the_registration_cleanly():
+    registry = RegistryThatLosesTheDeleteAnswer()
+    with promotion_lock(registry, "gan-mnist"):
+        assert registry.locked
+    assert registry.calls == ["create", "delete"] and not registry.locked
+
+
+class RegistryThatLosesTheCreateAnswer(RegistryThatLosesTheDeleteAnswer):
+    """Creating the lock succeeds on the server, but the client's retry is told it already exists."""
+
+    def create_registered_model(self, name, tags, description):
+        self.calls.append("create")
+        self.locked, self.tags = True, tags
+        raise MlflowException("exists", error_code=RESOURCE_ALREADY_EXISTS)
+
+    def get_registered_model(self, name):
+        self.calls.append("get")
+        return type("RegisteredModel", (), {"tags": self.tags})()
+
+
+def test_a_lock_this_process_created_is_recognised_as_its_own():
+    registry = RegistryThatLosesTheCreateAnswer()
+    with promotion_lock(registry, "gan-mnist", timeout=5):
+        assert registry.locked
+    assert registry.calls == ["create", "get", "delete"] and not registry.locked
