@@ -61,7 +61,7 @@ def promotion_lock(client: MlflowClient, name: str, timeout: float = 300.0) -> I
         if held.get("token") == token:
             break  # our create succeeded; its answer was lost, and the client's retry was refused
         if time.time() - float(held.get("since", 0)) > LOCK_STALE_SECONDS:
-            client.delete_registered_model(lock)  # its holder died: free it, then compete for it again
+            release(client, lock)  # its holder died: free it, then compete for it again
         elif time.monotonic() > deadline:
             raise UserError(f"the registry lock {lock} has been held by {held.get('holder')} for over"
                             f" {timeout:.0f}s; wait for that registration, or delete {lock} if none is running")
@@ -69,12 +69,17 @@ def promotion_lock(client: MlflowClient, name: str, timeout: float = 300.0) -> I
     try:
         yield
     finally:
-        try:
-            client.delete_registered_model(lock)
-        except MlflowException as error:
-            # MLflow's client retries a delete whose answer was lost (a busy server): the retry finds it gone.
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
+        release(client, lock)
+
+
+def release(client: MlflowClient, lock: str) -> None:
+    """Delete the lock; one already gone is released (MLflow's client retries a delete whose answer a busy server
+    lost, and two waiters can both free a stale lock)."""
+    try:
+        client.delete_registered_model(lock)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The registry lock's races on a busy MLflow server: its holder lets go between a failed create and the look at who
-holds it; a delete whose answer was lost is retried by MLflow's client and finds the lock gone."""
+holds it; MLflow's client retries a delete or a create whose answer was lost, and the retry finds the lock gone or
+already there."""
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST
