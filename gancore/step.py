@@ -25,7 +25,8 @@ class StepSettings:
     r1_gamma: float  # gamma of Mescheder et al. 2018; 0 disables
     label_smoothing: float  # one-sided: D's target for real samples is 1 - label_smoothing
     feature_matching: float  # weight of Salimans et al.'s feature-matching term in G's loss
-    augment: tuple[str, ...]  # DiffAugment policy, applied to every image D sees
+    augment: tuple[str, ...]  # DiffAugment policy, applied to every image D sees; ("ada",): adaptive
+    ada_adjust_images: int = 100_000  # ADA: images over which p can move from 0 to 1
 
 
 def sample_latent(
@@ -88,9 +89,10 @@ class _StepContext:
     autocast_dtype: torch.dtype | None
     device: torch.device
     batch_size: int
+    augment_probability: float
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
-        return diff_augment(images, self.settings.augment, self.noise_generator)
+        return diff_augment(images, self.settings.augment, self.noise_generator, self.augment_probability)
 
     def forward_pass(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -167,10 +169,12 @@ def train_step(
     settings: StepSettings,
     noise_generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    augment_probability: float = 1.0,
 ) -> dict[str, float]:
     """`settings.critic_steps` D updates, one per equal chunk of `real`, then one G update.
 
-    Returns the last D update's loss and mean logits, G's loss and both gradient norms.
+    Returns the last D update's loss and mean logits, the mean sign of its real logits (ADA's r_t), G's loss
+    and both gradient norms. `augment_probability` is ADA's p when `settings.augment` is ("ada",).
     `generator` and `discriminator` may be DDP wrappers; all randomness comes from `noise_generator`.
     `autocast_dtype` (e.g. torch.bfloat16 on GPUs) runs the forward passes under autocast; the
     backward passes and optimizer steps stay outside it, as PyTorch recommends.
@@ -180,7 +184,7 @@ def train_step(
     batch_size = real.shape[0] // settings.critic_steps
     if batch_size == 0 or real.shape[0] % settings.critic_steps:
         raise ValueError(f"a batch of {real.shape[0]} cannot be split evenly into {settings.critic_steps} critic steps")
-    step = _StepContext(settings, noise_generator, autocast_dtype, real.device, batch_size)
+    step = _StepContext(settings, noise_generator, autocast_dtype, real.device, batch_size, augment_probability)
     for critic_step in range(settings.critic_steps):
         chunk = slice(critic_step * batch_size, (critic_step + 1) * batch_size)
         real_chunk, real_labels = real[chunk], labels[chunk] if labels is not None else None
@@ -193,6 +197,7 @@ def train_step(
         "loss_g": loss_g.item(),
         "d_real": real_logits.detach().mean().item(),
         "d_fake": fake_logits.detach().mean().item(),
+        "d_real_sign": real_logits.detach().sign().mean().item(),
         "grad_norm_d": grad_norm_d,
         "grad_norm_g": grad_norm_g,
     }

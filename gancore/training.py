@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from gancore.augment import ADAPTIVE, AdaptiveAugment
 from gancore.ema import ExponentialMovingAverage, unwrap
 from gancore.models import ModelSpec, build_gan
 from gancore.step import StepSettings, train_step
@@ -41,6 +42,7 @@ class TrainingState:
     ema: ExponentialMovingAverage
     generator_optimizer: torch.optim.Optimizer
     discriminator_optimizer: torch.optim.Optimizer
+    adaptive_augment: AdaptiveAugment = field(default_factory=AdaptiveAugment)  # ADA's p (used with augment: ada)
 
     @classmethod
     def create(cls, spec: ModelSpec, optimizer: OptimizerSettings, ema_decay: float, seed: int) -> TrainingState:
@@ -58,10 +60,17 @@ class TrainingState:
 
     def iteration(self, real: torch.Tensor, labels: torch.Tensor | None, settings: StepSettings,
                   noise_generator: torch.Generator, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """One train_step (critic updates, one G update), then the EMA update; returns train_step's numbers."""
+        """One train_step (critic updates, one G update), then the EMA update (and with ADA, the move of p);
+        returns train_step's numbers, and ADA's p (`augment_p`) when it adapts."""
+        adaptive = ADAPTIVE in settings.augment
         losses = train_step(self.generator, self.discriminator, self.generator_optimizer,
-                            self.discriminator_optimizer, real, labels, settings, noise_generator, autocast_dtype)
+                            self.discriminator_optimizer, real, labels, settings, noise_generator, autocast_dtype,
+                            self.adaptive_augment.probability if adaptive else 1.0)
         self.ema.update(self.generator)
+        if adaptive:
+            losses["augment_p"] = self.adaptive_augment.probability  # the p this step trained with
+            self.adaptive_augment.observe(losses["d_real_sign"], real.shape[0] // settings.critic_steps,
+                                          settings.ada_adjust_images, real.device)
         return losses
 
     def set_optimizer(self, optimizer: OptimizerSettings) -> None:
@@ -78,6 +87,7 @@ class TrainingState:
             "generator_ema": self.ema.module.state_dict(),
             "generator_optimizer": self.generator_optimizer.state_dict(),
             "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
+            "adaptive_augment": self.adaptive_augment.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -86,3 +96,4 @@ class TrainingState:
         self.ema.module.load_state_dict(state["generator_ema"])
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.adaptive_augment.load_state_dict(state["adaptive_augment"])

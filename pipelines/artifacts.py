@@ -48,7 +48,8 @@ def load_tensors(path: Path, what: str):
                             f" ({str(error).strip().splitlines()[0]})") from None
 
 
-HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "images_per_second",
+HISTORY_FIELDS = ("step", "loss_d", "loss_g", "d_real", "d_fake", "d_real_sign", "augment_p", "grad_norm_d", "grad_norm_g",
+                  "images_per_second",
                   "cpu_cores_busy", "peak_rss_mb", "peak_gpu_memory_mb", "fid", "class_coverage", "diversity",
                   "class_diversity", "conditional_accuracy")
 

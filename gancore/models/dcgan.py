@@ -14,6 +14,7 @@ from gancore.models.layers import (
     channel_widths,
     check_labels,
     resolution_steps,
+    upsampling_conv,
 )
 from gancore.models.spec import ModelSpec
 
@@ -34,10 +35,11 @@ def init_weights(module: nn.Module) -> None:
 
 class Generator(nn.Module):
     """Maps z (N, latent_dim) [and labels (N,)] to images (N, channels, image_size, image_size) in [-1, 1].
-    Class-conditional through per-class BatchNorm gains and biases when num_classes > 0."""
+    Class-conditional through per-class BatchNorm gains and biases when num_classes > 0; every 2x step
+    upsamples by `upsample` (layers.upsampling_conv: transposed or resize)."""
 
     def __init__(self, latent_dim: int, channels: int, image_size: int, base_channels: int,
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, upsample: str = "transposed") -> None:
         super().__init__()
         widths = channel_widths(resolution_steps(image_size), base_channels)
         self.latent_dim = latent_dim
@@ -53,11 +55,11 @@ class Generator(nn.Module):
         ]
         for in_width, out_width in pairwise(widths):
             layers += [
-                nn.ConvTranspose2d(in_width, out_width, 4, 2, 1, bias=False),
+                upsampling_conv(in_width, out_width, upsample, bias=False),
                 batch_norm(out_width, num_classes),
                 nn.ReLU(inplace=True),
             ]
-        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]
+        layers += [upsampling_conv(widths[-1], channels, upsample), nn.Tanh()]
         self.net = ConditionalSequential(*layers)
         self.apply(init_weights)
 
@@ -84,7 +86,8 @@ def discriminator_trunk(channels: int, image_size: int, base_channels: int,
 
 def build(spec: ModelSpec) -> tuple[Generator, Discriminator]:
     """DCGAN pair; D's linear head on the flattened 4x4 features is the paper's final 4x4 conv."""
-    generator = Generator(spec.latent_dim, spec.channels, spec.image_size, spec.base_channels, spec.num_classes)
+    generator = Generator(spec.latent_dim, spec.channels, spec.image_size, spec.base_channels, spec.num_classes,
+                          spec.upsample)
     trunk, feature_dim = discriminator_trunk(spec.channels, spec.image_size, spec.base_channels, nn.BatchNorm2d)
     discriminator = Discriminator(trunk, feature_dim, spec.num_classes, spec.minibatch_discrimination)
     discriminator.apply(init_weights)

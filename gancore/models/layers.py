@@ -33,6 +33,21 @@ def scaled_base_channels(image_size: int) -> int:
     return WIDTH_TIMES_SIZE // image_size
 
 
+UPSAMPLING = ("transposed", "resize")
+
+
+def upsampling_conv(in_channels: int, out_channels: int, upsample: str, bias: bool = True) -> nn.Module:
+    """A 2x upsampling convolution: `transposed` is a 4x4 stride-2 transposed conv (DCGAN), `resize` is
+    nearest-neighbour 2x then a 3x3 conv (Odena et al. 2016): every output pixel gets the same number of
+    kernel taps, so the uneven-overlap checkerboard of a stride-2 transposed conv cannot arise."""
+    if upsample == "transposed":
+        return nn.ConvTranspose2d(in_channels, out_channels, 4, 2, 1, bias=bias)
+    if upsample == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                             nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=bias))
+    raise ValueError(f"unknown upsample {upsample!r}; valid: {', '.join(UPSAMPLING)}")
+
+
 def check_labels(labels: torch.Tensor | None, num_classes: int, batch_size: int) -> torch.Tensor | None:
     """The labels a conditional model needs, validated; None for an unconditional model (which ignores them)."""
     if num_classes == 0:

@@ -22,6 +22,7 @@ from gancore.models.layers import (
     channel_widths,
     check_labels,
     resolution_steps,
+    upsampling_conv,
 )
 from gancore.models.spec import ModelSpec
 
@@ -41,16 +42,23 @@ def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return _glorot(nn.Conv2d(in_channels, out_channels, 3, 1, 1), RESIDUAL_GAIN)
 
 
-class UpBlock(nn.Module):
-    """BN-ReLU-upsample-conv3x3-BN-ReLU-conv3x3, plus an upsampled 1x1-conv shortcut; doubles the resolution."""
+def _upsampling_conv(in_channels: int, out_channels: int, upsample: str) -> nn.Module:
+    """The paper's nearest-upsample + 3x3 conv (`resize`), or a 4x4 stride-2 transposed conv in its place."""
+    layer = upsampling_conv(in_channels, out_channels, upsample)
+    _glorot(layer if upsample == "transposed" else layer[1], RESIDUAL_GAIN)
+    return layer
 
-    def __init__(self, in_channels: int, out_channels: int, num_classes: int) -> None:
+
+class UpBlock(nn.Module):
+    """BN-ReLU-upsample+conv-BN-ReLU-conv3x3, plus an upsampled 1x1-conv shortcut; doubles the resolution.
+    `upsample`: `resize` (the paper's nearest 2x + 3x3 conv) or `transposed` (a 4x4 stride-2 transposed conv)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_classes: int, upsample: str = "resize") -> None:
         super().__init__()
         self.residual = ConditionalSequential(
             batch_norm(in_channels, num_classes),
             nn.ReLU(),
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            _conv3x3(in_channels, out_channels),
+            _upsampling_conv(in_channels, out_channels, upsample),
             batch_norm(out_channels, num_classes),
             nn.ReLU(),
             _conv3x3(out_channels, out_channels),
@@ -98,7 +106,7 @@ class Generator(nn.Module):
     """Maps z (N, latent_dim) [and labels (N,)] to images (N, channels, image_size, image_size) in [-1, 1]."""
 
     def __init__(self, latent_dim: int, channels: int, image_size: int, base_channels: int,
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, upsample: str = "resize") -> None:
         super().__init__()
         widths = channel_widths(resolution_steps(image_size) + 1, base_channels)  # at 4x4, 8x8, ..., image_size
         self.latent_dim = latent_dim
@@ -107,7 +115,7 @@ class Generator(nn.Module):
         self.num_classes = num_classes
         self.linear = _glorot(nn.Linear(latent_dim, widths[0] * 4 * 4))
         self.blocks = nn.ModuleList(
-            UpBlock(in_width, out_width, num_classes) for in_width, out_width in pairwise(widths)
+            UpBlock(in_width, out_width, num_classes, upsample) for in_width, out_width in pairwise(widths)
         )
         self.to_image = ConditionalSequential(
             batch_norm(widths[-1], num_classes),
@@ -136,7 +144,8 @@ def discriminator_trunk(channels: int, image_size: int, base_channels: int) -> t
 
 def build(spec: ModelSpec) -> tuple[Generator, Discriminator]:
     """SNGAN pair; D always carries spectral norm on every conv, linear and embedding."""
-    generator = Generator(spec.latent_dim, spec.channels, spec.image_size, spec.base_channels, spec.num_classes)
+    generator = Generator(spec.latent_dim, spec.channels, spec.image_size, spec.base_channels, spec.num_classes,
+                          spec.upsample)
     trunk, feature_dim = discriminator_trunk(spec.channels, spec.image_size, spec.base_channels)
     discriminator = Discriminator(trunk, feature_dim, spec.num_classes, spec.minibatch_discrimination)
     # The trunk is all convs, initialised as built; the head's linear layers and embedding get Glorot here.

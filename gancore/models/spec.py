@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from gancore.models.layers import resolution_steps
+from gancore.models.layers import UPSAMPLING, resolution_steps
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class ModelSpec:
     num_classes: int = 0  # 0: unconditional; > 0: class-conditional G and projection D
     spectral_norm: bool = False  # spectral norm on every conv/linear/embedding of D (sngan always has it)
     minibatch_discrimination: bool = False  # Salimans et al. 2016 layer before D's output
+    upsample: str = "transposed"  # G's 2x steps (dcgan, wgan_gp, sngan): transposed conv or resize-conv; mlp has none
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "channels", "base_channels"):
@@ -25,3 +26,5 @@ class ModelSpec:
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be 0 (unconditional) or positive, got {self.num_classes}")
         resolution_steps(self.image_size)
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {self.upsample!r}")

@@ -18,7 +18,8 @@ def layer_norm(width: int) -> nn.GroupNorm:
 
 def build(spec: ModelSpec) -> tuple[dcgan.Generator, Discriminator]:
     """DCGAN generator and layer-normalised DCGAN critic, both with DCGAN initialisation."""
-    generator = dcgan.Generator(spec.latent_dim, spec.channels, spec.image_size, spec.base_channels, spec.num_classes)
+    generator = dcgan.Generator(spec.latent_dim, spec.channels, spec.image_size, spec.base_channels, spec.num_classes,
+                                spec.upsample)
     trunk, feature_dim = dcgan.discriminator_trunk(spec.channels, spec.image_size, spec.base_channels, layer_norm)
     critic = Discriminator(trunk, feature_dim, spec.num_classes, spec.minibatch_discrimination)
     critic.apply(dcgan.init_weights)

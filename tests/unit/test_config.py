@@ -49,6 +49,9 @@ def test_auto_trials_give_way_past_32_px_and_a_number_is_kept():
         ("model", "family", "stylegan9", "model.family"),
         ("model", "loss", "l7", "model.loss"),
         ("model", "augment", ["colour"], "model.augment"),
+        ("model", "augment", ["ada", "color"], "model.augment"),
+        ("model", "upsample", "bilinear", "model.upsample"),
+        ("model", "ada_adjust_images", 0, "model.ada_adjust_images"),
         ("model", "critic_steps", 0, "model.critic_steps"),
         ("model", "label_smoothing", 1.0, "model.label_smoothing"),
         ("register", "gate_metric", "accuracy", "register.gate_metric"),
@@ -59,6 +62,14 @@ def test_bad_value_names_the_key(section, key, value, expected):
         parse_params(with_change(section, key, value))
     assert expected in str(error.value)
     assert repr(value) in str(error.value), "the message should show the offending value"
+
+
+def test_augment_ada_is_the_adaptive_policy_and_reaches_the_step():
+    for written in ("ada", ["ada"]):
+        model = parse_params(with_change("model", "augment", written)).model
+        assert model.augment == ["ada"]
+        settings = model.step_settings(0)
+        assert settings.augment == ("ada",) and settings.ada_adjust_images == DEFAULTS["model"]["ada_adjust_images"]
 
 
 def test_min_conditional_accuracy_is_a_fraction():

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gancore.augment import POLICIES, diff_augment
+from gancore.augment import POLICIES, AdaptiveAugment, diff_augment
 
 
 def _seeded(seed: int = 0) -> torch.Generator:
@@ -135,3 +135,50 @@ def test_unknown_policy_lists_valid_names():
         diff_augment(_images(2, 3, 8), ("color", "rotate"), _seeded())
     with pytest.raises(TypeError, match="sequence of names"):
         diff_augment(_images(2, 3, 8), "color", _seeded())
+
+
+def test_ada_at_p_zero_is_identity_and_at_p_one_augments_every_image():
+    images = _images(64, 3, 16)
+    assert diff_augment(images, ("ada",), _seeded(), probability=0.0) is images
+    out = diff_augment(images, ("ada",), _seeded(), probability=1.0)
+    changed = (out - images).flatten(1).abs().amax(1) > 0
+    assert changed.all(), "every image goes through color (always a change) at p = 1"
+
+
+def test_ada_augments_about_p_of_the_images_per_op():
+    images = _images(2000, 3, 8)
+    # color alone would change an image whenever drawn; count images left exactly as they were
+    out = diff_augment(images, ("ada",), _seeded(), probability=0.3)
+    untouched = ((out - images).flatten(1).abs().amax(1) == 0).float().mean().item()
+    # untouched needs no op drawn, bar ops that happen to be no-ops (zero shift, unflipped): >= 0.7^4 = 0.24
+    assert 0.24 <= untouched <= 0.45
+
+
+def test_ada_stands_alone():
+    with pytest.raises(ValueError, match="alone"):
+        diff_augment(_images(2, 3, 8), ("ada", "color"), _seeded())
+
+
+def test_flip_mirrors_about_half_the_images_and_nothing_else():
+    images = _images(400, 1, 8)
+    out = diff_augment(images, ("flip",), _seeded())
+    mirrored = torch.tensor([torch.equal(a, b.flip(2)) for a, b in zip(out, images)])
+    kept = torch.tensor([torch.equal(a, b) for a, b in zip(out, images)])
+    assert (mirrored | kept).all() and 0.4 < mirrored.float().mean() < 0.6
+
+
+def test_ada_p_rises_while_d_is_sure_of_the_reals_and_falls_when_it_is_not():
+    controller = AdaptiveAugment()
+    for _ in range(8):  # two moves of p: 64 images a step, 4 steps a move, 1,024 images for the full range
+        controller.observe(0.9, 64, adjust_images=1024, device=torch.device("cpu"))
+    assert controller.probability == pytest.approx(0.5)
+    for _ in range(4):
+        controller.observe(0.2, 64, adjust_images=1024, device=torch.device("cpu"))
+    assert controller.probability == pytest.approx(0.25)
+    for _ in range(40):
+        controller.observe(-1.0, 64, adjust_images=1024, device=torch.device("cpu"))
+    assert controller.probability == 0.0, "p stays in [0, 1]"
+    restored = AdaptiveAugment()
+    controller.observe(1.0, 64, adjust_images=1024, device=torch.device("cpu"))  # mid-interval state
+    restored.load_state_dict(controller.state_dict())
+    assert restored.state_dict() == controller.state_dict()

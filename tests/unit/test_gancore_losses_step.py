@@ -154,7 +154,8 @@ def test_every_recipe_trains_both_models_reproducibly(recipe):
         return out, changed, d_opt
 
     out, changed, d_opt = run()
-    assert set(out[0]) == {"loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g"}
+    assert set(out[0]) == {"loss_d", "loss_g", "d_real", "d_fake", "d_real_sign", "grad_norm_d",
+                          "grad_norm_g"}
     assert all(math.isfinite(v) for row in out for v in row.values())
     assert changed == [True, True], "both G and D are updated"
     adam_steps = next(iter(d_opt.state.values()))["step"].item()

@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gancore.models import FAMILIES, ModelSpec, build_gan, dcgan, mlp, sngan
 from gancore.models.classifier import Classifier
-from gancore.models.layers import ConditionalBatchNorm2d, Discriminator, MinibatchDiscrimination
+from gancore.models.layers import (UPSAMPLING, ConditionalBatchNorm2d, Discriminator, MinibatchDiscrimination,
+                                   upsampling_conv)
 
 SIZES = [16, 32, 64, 128]
 LATENT = 16
@@ -46,12 +47,15 @@ def spectral_normed(model: nn.Module) -> list[bool]:
     return [parametrize.is_parametrized(m, "weight") for m in layers]
 
 
+@pytest.mark.parametrize("upsample", UPSAMPLING)
 @pytest.mark.parametrize("num_classes", [0, CLASSES])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("image_size", SIZES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shapes_range_and_gradients_reach_generator(family, image_size, channels, num_classes):
-    generator, discriminator = build_gan(spec(family, image_size, channels, num_classes))
+def test_shapes_range_and_gradients_reach_generator(family, image_size, channels, num_classes, upsample):
+    if family == "mlp" and upsample != UPSAMPLING[0]:
+        pytest.skip("mlp has no upsampling convolutions")
+    generator, discriminator = build_gan(spec(family, image_size, channels, num_classes, upsample=upsample))
     assert (generator.latent_dim, generator.channels, generator.image_size, generator.num_classes) == (
         LATENT, channels, image_size, num_classes)
     labels = torch.randint(0, CLASSES, (3,)) if num_classes else None
@@ -354,3 +358,30 @@ def test_gancore_imports_no_workflow_packages():
     repo_root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("upsample", UPSAMPLING)
+def test_only_resize_convolution_keeps_a_flat_input_flat(upsample):
+    """The checkerboard of Odena et al. 2016: a stride-2 transposed conv gives each of the four output phases
+    its own sub-kernel, so a constant feature map comes out as a 2x2-periodic pattern for almost any weights.
+    Resize-convolution applies one kernel everywhere: away from the border a flat input stays flat."""
+    torch.manual_seed(3)
+    layer = upsampling_conv(4, 2, upsample)
+    out = layer(torch.ones(1, 4, 8, 8))[..., 2:-2, 2:-2]  # the border sees zero padding either way
+    spread = (out - out.mean(dim=(2, 3), keepdim=True)).abs().max().item()
+    if upsample == "resize":
+        assert spread < 1e-5
+    else:
+        assert spread > 1e-2, "a transposed conv's phases differ"
+
+
+@pytest.mark.parametrize("family", ["dcgan", "sngan", "wgan_gp"])
+def test_upsample_choice_changes_only_the_generators_upsampling_layers(family):
+    transposed, _ = build_gan(spec(family, 32, upsample="transposed"))
+    resized, _ = build_gan(spec(family, 32, upsample="resize"))
+    kinds = [{type(m) for m in g.modules()} for g in (transposed, resized)]
+    assert nn.ConvTranspose2d in kinds[0]
+    assert nn.ConvTranspose2d not in kinds[1] and nn.Upsample in kinds[1]
+    assert transposed(torch.randn(2, LATENT)).shape == resized(torch.randn(2, LATENT)).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="upsample"):
+        spec(family, 32, upsample="bilinear")

@@ -1,7 +1,10 @@
 """TrainingState: the one factory of G, D, EMA and optimisers that the worker and the benchmarks share."""
 
+import dataclasses
+
 import torch
 
+from gancore.augment import AdaptiveAugment
 from gancore.models import ModelSpec
 from gancore.step import StepSettings
 from gancore.training import OptimizerSettings, TrainingState
@@ -62,3 +65,32 @@ def test_set_optimizer_changes_rates_of_a_restored_state():
     state.set_optimizer(OptimizerSettings(lr_g=1e-3, lr_d=5e-4, beta1=0.5, beta2=0.999))
     assert [g["lr"] for g in state.generator_optimizer.param_groups] == [1e-3]
     assert [g["betas"] for g in state.discriminator_optimizer.param_groups] == [(0.5, 0.999)]
+
+
+def test_ada_p_is_part_of_the_state_and_a_resume_with_it_is_exact():
+    """augment: ada moves p from D's real logits; a restore mid-interval continues bit for bit, p included."""
+    settings = dataclasses.replace(SETTINGS, augment=("ada",), ada_adjust_images=64)
+
+    def run(state, steps):
+        ps = []
+        for step in steps:
+            images, labels, noise = batch(step)
+            ps.append(state.iteration(images, labels, settings, noise)["augment_p"])
+        return ps
+
+    def create(seed):
+        state = TrainingState.create(SPEC, ADAM, 0.9, seed=seed)
+        state.adaptive_augment = AdaptiveAugment(target=-1.0)  # every r_t is above it: p rises every 4 steps
+        return state
+
+    straight = create(0)
+    trace = run(straight, range(10))
+    assert trace[:4] == [0.0] * 4 and trace[4] == trace[7] == 4 * 8 / 64 and trace[8] == 1.0, trace  # 8 reals a step
+    interrupted = create(0)
+    run(interrupted, range(5))  # stopped between two moves of p (every 4 steps)
+    restored = create(9)
+    restored.load_state_dict(interrupted.state_dict())
+    assert run(restored, range(5, 10)) == trace[5:]
+    for a, b in zip(straight.state_dict()["generator"].values(), restored.state_dict()["generator"].values()):
+        assert torch.equal(a, b)
+    assert straight.adaptive_augment.state_dict() == restored.adaptive_augment.state_dict()
