@@ -20,17 +20,30 @@ PRESET ?=
 PRESET_FILE = presets/$(PRESET)
 REPRO = $(if $(PRESET),dvc exp run $(addprefix -S ,$(shell grep -v '^\#' $(PRESET_FILE) 2>/dev/null)),dvc repro)
 
-.PHONY: setup pipeline test stack-up stack-down clean
+LOCK := requirements.lock
+
+.PHONY: setup pipeline test test-fast lock stack-up stack-down clean
 
 setup: $(STAMP)
 
-# torch is installed first and pinned: a looser requirement would pull CUDA wheels.
-$(STAMP): pyproject.toml
+# torch is installed first and pinned: a looser requirement would pull CUDA wheels. Everything else comes at the
+# exact versions of requirements.lock (the same environment tomorrow); its hash is in every registered version.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test]'
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a throwaway venv and rewrite requirements.lock (then commit it).
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q torch==2.13.0
+	.venv-lock/bin/python -m pip install -q -e '.[test]'
+	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^#' \
+	  | sed -E 's/^(torch==[0-9.]+)\+[a-z0-9]+$$/\1/'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	rm -rf .venv-lock
 
 stack-up: setup
 	gan stack up
@@ -43,9 +56,14 @@ pipeline: stack-up
 	$(EMBEDDED_ENV) time $(REPRO)
 	$(EMBEDDED_ENV) dvc push
 	dvc metrics show
+	$(PY) -m benchmarks.results --pipeline
 
 test: setup
 	$(PY) -m pytest
+
+# The inner loop: everything but the whole-pipeline e2e tests.
+test-fast: setup
+	$(PY) -m pytest -m "not e2e" --ignore=tests/e2e
 
 clean:
 	rm -rf .ray_storage mlflow.db mlartifacts results models/gan models/featurenet.pt data/prepared reports

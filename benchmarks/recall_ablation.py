@@ -10,7 +10,7 @@ Each trained model is scored three ways, because sampling is a candidate cause t
   ema     the EMA generator in eval mode (what the pipeline exports);
   ema_bn  the same weights with batch-norm statistics of the sample batch (train-mode BN);
   raw     the generator itself, without the average, in eval mode.
-Writes docs/results/recall_ablation.md and .json.
+Writes docs/results/<--name>.md and .json, and each variant's EMA grid to docs/results/<--name>/.
 """
 
 from __future__ import annotations
@@ -24,16 +24,27 @@ import torch
 
 from benchmarks import results
 from benchmarks.prepared_setup import PreparedSetup, train_plain
+from benchmarks.quality import CLASSIC_ADAM, CLASSIC_MODEL
 from gancore.images import from_uint8
 from gancore.metrics import coverage, fid, precision_recall
 from gancore.step import generate_images
 from gancore.training import OptimizerSettings
 from pipelines.config import Params, load_params
+from pipelines.evaluate import save_grid
 from pipelines.train import tuned_optimizer
 
 # name -> (model overrides, train overrides, optimizer overrides, global batch multiplier)
 VARIANTS: dict[str, tuple[dict, dict, dict, float]] = {
     "default": ({}, {}, {}, 1),
+    # Ray Tune's DCGAN example recipe (benchmarks/quality.py); its steps are twice the others' at half the
+    # batch, about the same wall-clock (the quality benchmark times it exactly)
+    "classic": (CLASSIC_MODEL, {"ema_decay": 0.0}, vars(CLASSIC_ADAM), 0.5),
+    "resize": ({"upsample": "resize"}, {}, {}, 1),
+    "transposed": ({"upsample": "transposed"}, {}, {}, 1),
+    "ada": ({"augment": ["ada"]}, {}, {}, 1),
+    "mode_seeking_1": ({"mode_seeking": 1.0}, {}, {}, 1),
+    "mode_seeking_3": ({"mode_seeking": 3.0}, {}, {}, 1),
+    "diffaugment": ({"augment": ["color", "translation", "cutout"]}, {}, {}, 1),
     "ema_off": ({}, {"ema_decay": 0.0}, {}, 1),
     "ema_0.999": ({}, {"ema_decay": 0.999}, {}, 1),
     "unconditional": ({"conditional": False}, {}, {}, 1),
@@ -69,12 +80,13 @@ def sample(generator: torch.nn.Module, params: Params, n: int, batch_stats: bool
     return generate_images(generator, n, generator.latent_dim, params.eval.seed, num_classes=generator.num_classes)
 
 
-def run_variant(job: tuple[str, int, int]) -> dict:
-    name, seed, steps = job
+def run_variant(job: tuple[str, int, int, str]) -> dict:
+    name, seed, steps, result_name = job
     torch.set_num_threads(1)
     params = load_params()
     setup = PreparedSetup.load(params)
     updated, optimizer, batch = variant_params(params, name, seed, steps)
+    steps = steps * 2 if name == "classic" else steps
     started = time.perf_counter()
     state, done, seconds = train_plain(updated, optimizer, setup, batch, seed, steps=steps)
     n = min(params.eval.num_samples, len(setup.test_images))
@@ -84,6 +96,8 @@ def run_variant(job: tuple[str, int, int]) -> dict:
                                             ("raw", state.generator, False)):
         fakes = sample(generator, params, n, batch_stats)
         row[scoring] = measure(setup.features(fakes)[0], reference, params)
+        if scoring == "ema":
+            save_grid(fakes[: params.eval.grid_size], results.RESULTS_DIR / result_name / f"{name}-seed{seed}.png")
     print(f"{name} seed {seed}: {row['ema']} ({time.perf_counter() - started:.0f} s)", flush=True)
     return row
 
@@ -113,16 +127,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="default: train.steps")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--name", default="recall_ablation", help="the result file's name under docs/results")
     args = parser.parse_args()
     params = load_params()
     steps = args.steps or params.train.steps
     real = real_vs_real(params)
-    jobs = [(name, args.seed, steps) for name in args.variants]
+    jobs = [(name, args.seed, steps, args.name) for name in args.variants]
     with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
         rows = pool.map(run_variant, jobs, chunksize=1)
-    markdown = (f"N = {params.eval.num_samples} generated vs held-out images, featurenet space, {steps} steps, "
+    markdown = (f"Data {params.data.source} at {params.data.image_size} px. N = {params.eval.num_samples} generated "
+                f"vs held-out images, featurenet space, {steps} steps (classic: {2 * steps} at half the batch), "
                 f"plain loop at the train stage's global batch.\n\n{table(rows, real)}")
-    path = results.write("recall_ablation", markdown, {"real_vs_real": real, "rows": rows},
+    path = results.write(args.name, markdown, {"real_vs_real": real, "rows": rows},
                          spread=f"one seed ({args.seed}) per variant")
     print(markdown, f"\nwritten to {path}", sep="\n")
 

@@ -43,12 +43,18 @@ def machine() -> dict[str, object]:
     return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": platform.python_version()}
 
 
+def _main_module() -> str:
+    """The benchmark's module name (`python -m NAME`), never the path it was run from."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None else Path(sys.argv[0]).name
+
+
 def stamp(spread: str) -> dict[str, object]:
     """Where and when a result was measured; `spread` says what its ranges are over (seeds, rounds)."""
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", *MEASURED_CODE))
     return {"commit": commit + ("+dirty" if dirty else ""), "date": datetime.date.today().isoformat(),
-            "machine": machine(), "spread": spread, "command": " ".join(["python -m", *sys.argv])}
+            "machine": machine(), "spread": spread, "command": " ".join(["python -m", _main_module(), *sys.argv[1:]])}
 
 
 def write(name: str, markdown: str, data: dict, spread: str) -> Path:
@@ -78,10 +84,36 @@ def stale() -> list[str]:
     return found
 
 
+PIPELINE_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage", "conditional_accuracy")
+
+
+def pipeline_run() -> Path:
+    """docs/results/pipeline-<register.model_name>.md: the latest `make pipeline` run's evaluation, beside the
+    real-vs-real baseline, with each metric's N and bootstrap 95% interval."""
+    import yaml
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    metrics = json.loads(Path("results/eval/metrics.json").read_text())
+    real = metrics["real_vs_real"]
+    lines = [f"`make pipeline` on `{params['data']['source']}` at {params['data']['image_size']} px, "
+             f"{params['train']['steps']} steps, model `{params['register']['model_name']}`; featurenet space, "
+             f"N = {metrics['n']}.", "", "| metric | model [95% interval] | real vs real |", "|---|---|---|"]
+    for name in PIPELINE_METRICS:
+        if name in metrics:
+            entry = metrics[name]
+            lines.append(f"| {name} | {entry['value']:.3f} [{entry['ci95_low']:.3f}, {entry['ci95_high']:.3f}] | "
+                         f"{real[name]['value']:.3f} |")
+    lines.append(f"\nFID / real-vs-real FID: {metrics['fid']['value'] / real['fid']['value']:.2f}")
+    name = f"pipeline-{params['register']['model_name']}"
+    return write(name, "\n".join(lines), {"metrics": metrics}, spread="bootstrap 95% intervals over the N samples")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="benchmark result files")
     parser.add_argument("--check", action="store_true", help="list stale result files")
+    parser.add_argument("--pipeline", action="store_true", help="write the latest pipeline run's figures")
     args = parser.parse_args()
+    if args.pipeline:
+        print(f"wrote {pipeline_run()}")
     if args.check:
         lines = stale()
         print("\n".join(lines) if lines else "every result file is current")

@@ -27,6 +27,7 @@ class StepSettings:
     feature_matching: float  # weight of Salimans et al.'s feature-matching term in G's loss
     augment: tuple[str, ...]  # DiffAugment policy, applied to every image D sees; ("ada",): adaptive
     ada_adjust_images: int = 100_000  # ADA: images over which p can move from 0 to 1
+    mode_seeking: float = 0.0  # weight of Mao et al. 2019's mode-seeking term in G's loss; 0 disables
 
 
 def sample_latent(
@@ -99,12 +100,27 @@ class _StepContext:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def fakes(self, generator: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A batch of generated images and the labels they were asked for (labels drawn first)."""
+    def fakes(self, generator: nn.Module, paired: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """A batch of generated images, the labels they were asked for (drawn first) and their latents.
+        `paired`: the second half of the batch asks for the first half's labels (mode seeking compares them)."""
         settings = self.settings
-        fake_labels = sample_labels(self.batch_size, settings.num_classes, self.device, self.noise_generator)
+        count = self.batch_size // 2 if paired else self.batch_size
+        fake_labels = sample_labels(count, settings.num_classes, self.device, self.noise_generator)
+        if paired and fake_labels is not None:
+            fake_labels = torch.cat([fake_labels, fake_labels, fake_labels[: self.batch_size % 2]])
         latents = sample_latent(self.batch_size, settings.latent_dim, self.device, self.noise_generator)
-        return generator(latents, fake_labels), fake_labels
+        return generator(latents, fake_labels), fake_labels, latents
+
+
+def mode_seeking_loss(fake: torch.Tensor, latents: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mao et al. 2019 (MSGAN): 1 / (mean |G(z1) - G(z2)| / mean |z1 - z2| + eps) over the pairs (first half,
+    second half) of a batch that asked for the same labels; small when different latents give different images,
+    so a conditional G cannot map all the noise of a class onto one prototype."""
+    half = fake.shape[0] // 2
+    images = (fake[:half] - fake[half : 2 * half]).abs().flatten(1).mean(1)
+    noise = (latents[:half] - latents[half : 2 * half]).abs().mean(1)
+    return (1.0 / (images / noise + eps)).mean()
 
 
 def _discriminator_update(step: _StepContext, generator: nn.Module, discriminator: nn.Module,
@@ -112,7 +128,7 @@ def _discriminator_update(step: _StepContext, generator: nn.Module, discriminato
     """One D update on `real` and a fresh fake batch; (loss, real logits, fake logits, gradient norm)."""
     settings = step.settings
     with torch.no_grad(), step.forward_pass():
-        fake, fake_labels = step.fakes(generator)
+        fake, fake_labels, _ = step.fakes(generator)
     with step.forward_pass():
         # Real and fake go through D separately so BatchNorm never mixes their statistics.
         real_logits = discriminator(step.augment(real), labels).float()
@@ -142,7 +158,7 @@ def _generator_update(step: _StepContext, generator: nn.Module, discriminator: n
     # nobody uses) with its weights frozen (no weight gradients computed).
     critic = unwrap(discriminator)
     with step.forward_pass(), frozen(critic):
-        fake, fake_labels = step.fakes(generator)
+        fake, fake_labels, latents = step.fakes(generator, paired=settings.mode_seeking > 0)
         if settings.feature_matching:
             fake_logits, fake_features = critic(step.augment(fake), fake_labels, return_features=True)
             with torch.no_grad():
@@ -152,6 +168,8 @@ def _generator_update(step: _StepContext, generator: nn.Module, discriminator: n
                                                                                 fake_features.float())
         else:
             loss_g = generator_loss(settings.loss, critic(step.augment(fake), fake_labels).float())
+        if settings.mode_seeking:
+            loss_g = loss_g + settings.mode_seeking * mode_seeking_loss(fake.float(), latents)
     optimizer.zero_grad(set_to_none=True)
     loss_g.backward()  # the graph was built with D's weights frozen, so they get no gradients here either
     grad_norm_g = gradient_norm(generator.parameters())

@@ -103,6 +103,7 @@ class ModelParams(Section):
     augment: list[str]
     upsample: Literal["transposed", "resize"]
     ada_adjust_images: PositiveInt
+    mode_seeking: NonNegativeFloat
 
     @field_validator("family")
     @classmethod
@@ -161,7 +162,7 @@ class ModelParams(Section):
             latent_dim=self.latent_dim, loss=self.loss, num_classes=self.classes(num_classes),
             critic_steps=self.critic_steps, gradient_penalty=self.gradient_penalty, r1_gamma=self.r1_gamma,
             label_smoothing=self.label_smoothing, feature_matching=self.feature_matching,
-            augment=tuple(self.augment), ada_adjust_images=self.ada_adjust_images,
+            augment=tuple(self.augment), ada_adjust_images=self.ada_adjust_images, mode_seeking=self.mode_seeking,
         )
 
     def spec(self, channels: int, image_size: int, num_classes: int) -> ModelSpec:

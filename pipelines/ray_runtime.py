@@ -26,6 +26,10 @@ def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a local one."""
     if ray.is_initialized():
         return
+    if not os.environ.get("RAY_ADDRESS"):
+        # A Ray started here is one machine that nobody drains: Train's preemption watcher (an actor polling
+        # every 5 s, whose creation logs an E line from Ray's core worker) has nothing to watch. Clusters keep it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard stays on even locally: Ray Train's placement-group cleanup asks its state API.
     ray.init(logging_level="WARNING")
 

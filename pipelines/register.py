@@ -30,9 +30,8 @@ from pipelines.dataset import read_manifest
 from pipelines.errors import run_main
 from pipelines.promotion import CHALLENGER, CHAMPION, alias_holder, promote, promotion_lock
 from pipelines.storage import sha256_file, write_json_atomic
-from pipelines.tracking import (DVC_LOCK_FILE, child_run, configure_mlflow, file_hash, git_commit,
-                                pipeline_run)
-from pipelines.uris import redact_credentials
+from pipelines.tracking import (DVC_LOCK_FILE, ENVIRONMENT_LOCK_FILE, child_run, configure_mlflow, configured_tracking_uri, file_hash,
+                                git_commit, pipeline_run)
 
 ARTIFACTS = (SAMPLES_FILE, CURVES_FILE, EVAL_METRICS_FILE, HISTORY_FILE, MODEL_DIR / "config.json",
              PREPARED_DIR / "manifest.json")
@@ -53,6 +52,8 @@ def lineage(params: Params, manifest: dict, model_config: dict, metrics: dict) -
         "health": model_config.get("health", "unknown"),
         "params_hash": hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest(),
         "generator_sha256": sha256_file(MODEL_DIR / "generator_ema.pt"),
+        "environment_lock_sha256": (sha256_file(ENVIRONMENT_LOCK_FILE) if ENVIRONMENT_LOCK_FILE.is_file()
+                                    else "none (installed without requirements.lock)"),
         **{key: str(model_config.get(key, "")) for key in ("ray_run_name", "ray_job_id", "ray_submission_id",
                                                             "mlflow_train_run_id")},
     }
@@ -184,7 +185,7 @@ def main() -> None:
     write_json_atomic(VERSION_FILE, {
         "model_name": name, "version": int(version.version), "run_id": version.run_id,
         "lineage_key": tags["lineage_key"], "champion": champion,
-        "tracking_uri": redact_credentials(mlflow.get_tracking_uri()),
+        "tracking_uri": configured_tracking_uri(),
     })
 
 

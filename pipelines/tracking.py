@@ -29,6 +29,7 @@ from pipelines.uris import redact_credentials
 
 DEFAULT_STORE = Path("mlflow.db")
 PARAMS_FILE, DVC_LOCK_FILE = Path("params.yaml"), Path("dvc.lock")
+ENVIRONMENT_LOCK_FILE = Path("requirements.lock")  # the exact package versions make setup installs
 KEY_TAG, STAGE_TAG, FAILURE_TAG = "pipeline_key", "stage", "failure_reason"
 
 
@@ -44,6 +45,13 @@ def configure_mlflow(create: bool = True) -> MlflowClient:
     # An absolute path: MLflow caches stores by URI, and a relative one would outlive a change of directory.
     mlflow.set_tracking_uri(uri or f"sqlite:///{DEFAULT_STORE.resolve()}")
     return MlflowClient()
+
+
+def configured_tracking_uri() -> str:
+    """The tracking URI as the user configured it, for committed files: MLFLOW_TRACKING_URI without credentials,
+    or the default store relative to the repository (never this machine's absolute path)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return redact_credentials(uri) if uri else f"sqlite:///{DEFAULT_STORE}"
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:

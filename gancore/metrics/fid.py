@@ -12,28 +12,38 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a covariance, its rounding-negative eigenvalues clipped to 0."""
+    values, vectors = linalg.eigh(sigma)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((sigma1 sigma2)^(1/2)) without a general matrix square root.
+
+    sigma1 sigma2 is similar to the symmetric PSD matrix S = sigma1^(1/2) sigma2 sigma1^(1/2), so the trace is
+    the sum of the square roots of S's eigenvalues. Symmetric eigendecompositions stay accurate when the
+    covariances are singular (fewer samples than dimensions, collapsed samples), where scipy's sqrtm of the
+    non-symmetric product warns and can return complex or inaccurate values; pytorch-fid then retries with
+    eps * I added to both covariances, which changes the distance. Here nothing is added: the result is the
+    exact value to rounding, for singular and regular covariances alike.
+    """
+    root = _psd_sqrt(sigma1)
+    inner = root @ sigma2 @ root
+    values = linalg.eigvalsh((inner + inner.T) / 2.0)
+    return float(np.sqrt(np.clip(values, 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"mismatched statistics: {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}")
-
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # A singular product has no reliable square root; nudge both covariances off singularity.
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # Rounding leaves a tiny imaginary part; a large one means the statistics are broken.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"matrix square root has imaginary component {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
-
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
+        raise ValueError("covariances hold NaN or infinity: the features are broken")
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:

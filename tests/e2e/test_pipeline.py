@@ -111,6 +111,19 @@ def test_dvc_repro_produces_every_output(pipeline_run):
     assert "results/eval/metrics.json" in json.dumps(shown)
 
 
+# What a newcomer reads as failure: Ray's C++ log lines (E/W + timestamp), Python warnings, errors, tracebacks.
+ALARMING = re.compile(r"^\(?[^)]*\)?\s*[EWF]\d{4} |^\s*[EWF] \S+\.cc:\d+|Warning:|WARNING|Traceback|\bERROR\b|[Ee]rror:",
+                      re.MULTILINE)
+
+
+def test_a_healthy_run_prints_nothing_that_looks_like_a_failure(pipeline_run):
+    """dvc repro of the whole chain: progress and stage summaries only, no internal noise (issue: a newcomer
+    reads 'E ... core_worker.cc' and 'Matrix is singular' as failure)."""
+    _, log = pipeline_run
+    alarming = [line for line in log.splitlines() if ALARMING.search(line)]
+    assert not alarming, "lines that look like errors or warnings:\n" + "\n".join(alarming[:20])
+
+
 def test_secret_key_is_never_written(pipeline_run):
     """Credentials come from the environment; no log, output, lock file, DVC file or MLflow record holds them."""
     repo, log = pipeline_run

@@ -52,6 +52,7 @@ def test_auto_trials_give_way_past_32_px_and_a_number_is_kept():
         ("model", "augment", ["ada", "color"], "model.augment"),
         ("model", "upsample", "bilinear", "model.upsample"),
         ("model", "ada_adjust_images", 0, "model.ada_adjust_images"),
+        ("model", "mode_seeking", -1.0, "model.mode_seeking"),
         ("model", "critic_steps", 0, "model.critic_steps"),
         ("model", "label_smoothing", 1.0, "model.label_smoothing"),
         ("register", "gate_metric", "accuracy", "register.gate_metric"),

@@ -11,7 +11,8 @@ from gancore.ema import ExponentialMovingAverage
 from gancore.losses import LOSSES, SMOOTHABLE, discriminator_loss, generator_loss
 from gancore.models import ModelSpec, build_gan
 from gancore.regularizers import feature_matching_loss, gradient_penalty, r1_penalty
-from gancore.step import StepSettings, generate_images, requested_labels, sample_latent, train_step
+from gancore.step import (StepSettings, generate_images, mode_seeking_loss, requested_labels, sample_latent,
+                          train_step)
 
 REAL = torch.tensor([2.0, -1.0])
 FAKE = torch.tensor([0.5, -3.0])
@@ -296,3 +297,28 @@ def test_generate_images_asks_for_the_requested_labels():
     assert torch.equal(torch.cat(asked), requested_labels(10, 3))
     assert requested_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert requested_labels(7, 0) is None
+
+
+def test_mode_seeking_loss_rewards_different_images_for_different_latents():
+    latents = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    same = torch.zeros(8, 1, 4, 4)
+    spread = torch.cat([torch.zeros(4, 1, 4, 4), torch.ones(4, 1, 4, 4)])
+    assert mode_seeking_loss(spread, latents) < 1.0 < mode_seeking_loss(same, latents)
+    # exactly 1 / (mean image distance / mean latent distance) per pair, averaged
+    ratio = 1.0 / (latents[:4] - latents[4:]).abs().mean(1)
+    torch.testing.assert_close(mode_seeking_loss(spread, latents), (1.0 / (ratio + 1e-5)).mean())
+
+
+def test_mode_seeking_pairs_ask_for_the_same_labels_and_train():
+    generator, discriminator = build_gan(ModelSpec("dcgan", 8, 1, 16, 8, num_classes=3))
+    seen = []
+    original = generator.forward
+    generator.forward = lambda z, labels=None: seen.append(labels) or original(z, labels)
+    settings = StepSettings(latent_dim=8, loss="non_saturating", num_classes=3, critic_steps=1, gradient_penalty=0.0,
+                            r1_gamma=0.0, label_smoothing=0.0, feature_matching=0.0, augment=(), mode_seeking=1.0)
+    adam = [torch.optim.Adam(m.parameters(), 1e-3) for m in (generator, discriminator)]
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+    out = train_step(generator, discriminator, *adam, real, torch.randint(3, (8,)), settings,
+                     torch.Generator().manual_seed(0))
+    g_labels = seen[-1]
+    assert torch.equal(g_labels[:4], g_labels[4:]) and all(map(math.isfinite, out.values()))

@@ -81,6 +81,16 @@ def test_fid_with_fewer_samples_than_dims_is_finite_and_warning_free():
     assert np.isfinite(value) and value > 0
 
 
+def test_fid_of_singular_covariances_is_exact_and_warning_free():
+    """N < D gives rank-deficient covariances (a health check's 500 samples can collapse onto fewer dimensions).
+    Shifting a set changes only the mean, so the exact FID is the squared shift; no eps is added to get it."""
+    x = _normal(20, 64, 11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fid(x, x) == pytest.approx(0.0, abs=1e-5)  # 64 = the traces: 1e-5 is rounding
+        assert fid(x, x + 1.0) == pytest.approx(64.0, abs=1e-5)
+
+
 def test_fid_rejects_mismatched_dims():
     with pytest.raises(ValueError, match="dims"):
         fid(_normal(10, 3, 0), _normal(10, 4, 0))
