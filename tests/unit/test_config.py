@@ -73,6 +73,13 @@ def test_augment_ada_is_the_adaptive_policy_and_reaches_the_step():
         assert settings.augment == ("ada",) and settings.ada_adjust_images == DEFAULTS["model"]["ada_adjust_images"]
 
 
+def test_mode_seeking_auto_weighs_conditional_models_only():
+    model = parse_params(with_change("model", "mode_seeking", "auto")).model
+    assert model.step_settings(10).mode_seeking == 1.0, "labelled data: conditional, mode seeking on"
+    assert model.step_settings(0).mode_seeking == 0.0, "unlabelled: unconditional, off"
+    assert parse_params(with_change("model", "mode_seeking", 0.5)).model.step_settings(10).mode_seeking == 0.5
+
+
 def test_min_conditional_accuracy_is_a_fraction():
     raw = copy.deepcopy(DEFAULTS)
     raw["train"]["health"]["min_conditional_accuracy"] = 1.5
