@@ -212,6 +212,7 @@ class HealthParams(Section):
 class TrainParams(OptimizerParams):
     num_workers: PositiveInt | tuple[PositiveInt, PositiveInt]
     use_gpu: bool
+    autocast: Literal["auto", "bf16", "off"]
     batch_size: PositiveInt
     steps: PositiveInt
     ema_decay: Annotated[float, Field(ge=0, lt=1)]

@@ -81,6 +81,7 @@ class LoopConfig:
     # Where a run with no checkpoint of its own starts: a tune trial's previous interval, or the trial a PBT
     # exploit clones (Ray Train V2 has no resume_from_checkpoint). A ray.train.Checkpoint or None.
     start_checkpoint: Any = field(default=None, kw_only=True)
+    autocast: str = field(default="off", kw_only=True)  # train.autocast: auto | bf16 | off
 
     @classmethod
     def from_params(cls, params: Params, shards: tuple[tuple, tuple[int, ...]], reference: Any, shape: dict,
@@ -91,7 +92,7 @@ class LoopConfig:
         return cls(
             data=tuple(shards[0]), shard_counts=tuple(shards[1]), reference=reference, model=params.model.spec(**shape),
             step=params.model.step_settings(shape["num_classes"]), ema_decay=params.train.ema_decay, **optimizer,
-            **budget,
+            autocast=params.train.autocast, **budget,
         )
 
     def images_per_step(self) -> int:
@@ -266,11 +267,26 @@ def restore(state: TrainingState, config: LoopConfig, rank: int) -> Progress | N
     return progress
 
 
-def wrap_for_device(state: TrainingState, device: torch.device) -> tuple[torch.memory_format, torch.dtype | None]:
+# train.autocast: auto turns bf16 on only where it was measured to win: on an H200 (docs/benchmarks-history.md,
+# "The GPU path"), bf16 + channels-last ran 1.81x float32's speed for a 128-wide G and D at 64 px, and 0.80-0.91x
+# for the default 32-wide models at 32 and 64 px.
+BF16_MIN_WIDTH, BF16_MIN_SIZE = 128, 64
+
+
+def autocast_dtype(setting: str, spec: ModelSpec, device: torch.device) -> torch.dtype | None:
+    """The forward passes' autocast dtype for train.autocast (`off`: float32, `bf16`: always)."""
+    if setting == "bf16":
+        return torch.bfloat16
+    wins = device.type == "cuda" and spec.base_channels >= BF16_MIN_WIDTH and spec.image_size >= BF16_MIN_SIZE
+    return torch.bfloat16 if setting == "auto" and wins else None
+
+
+def wrap_for_device(state: TrainingState, device: torch.device, spec: ModelSpec,
+                    autocast: str) -> tuple[torch.memory_format, torch.dtype | None]:
     """DDP-wrap G and D (separately) and move everything to `device`; the memory format and autocast dtype.
 
-    GPU: bf16 autocast for the forward passes and channels-last tensors for cuDNN's fastest kernels
-    (train.use_gpu also makes Ray Train use the NCCL backend). CPU runs stay in float32.
+    GPU: channels-last tensors for cuDNN's fastest kernels (train.use_gpu also makes Ray Train use the NCCL
+    backend), and bf16 autocast for the forward passes as train.autocast says (autocast_dtype).
     """
     state.generator = ray.train.torch.prepare_model(state.generator, parallel_strategy_kwargs=DDP_OPTIONS)
     state.discriminator = ray.train.torch.prepare_model(state.discriminator, parallel_strategy_kwargs=DDP_OPTIONS)
@@ -279,7 +295,7 @@ def wrap_for_device(state: TrainingState, device: torch.device) -> tuple[torch.m
     memory_format = torch.channels_last if on_gpu else torch.contiguous_format
     for model in (state.generator, state.discriminator, state.ema.module):
         model.to(memory_format=memory_format)
-    return memory_format, torch.bfloat16 if on_gpu else None
+    return memory_format, autocast_dtype(autocast, spec, device)
 
 
 @dataclass
@@ -318,11 +334,11 @@ def start(config: LoopConfig) -> WorkerRun | None:
     if progress is None:
         return None
     device = ray.train.torch.get_device()
-    memory_format, autocast_dtype = wrap_for_device(state, device)
+    memory_format, forward_dtype = wrap_for_device(state, device, config.model, config.autocast)
     batches = ShardedBatches(list(config.shard_counts), lambda shard: decode_shard(ray.get(config.data[shard])),
                              config.images_per_step(), config.seed, rank, world_size)
     return WorkerRun(config, state, progress, ray.get(config.reference), batches, device, rank, world_size,
-                     memory_format, autocast_dtype)
+                     memory_format, forward_dtype)
 
 
 def train_step(run: WorkerRun, step: int) -> dict[str, float]:

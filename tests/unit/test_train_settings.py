@@ -3,6 +3,7 @@
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from conftest import tiny_params
@@ -72,3 +73,21 @@ def test_a_change_to_the_training_code_starts_a_new_run(code_copy):
     worker = code_copy / "pipelines/worker.py"
     worker.write_text(worker.read_text() + "\n")
     assert code_digest(code_copy) != original, "so does a change to the worker loop"
+
+
+def test_autocast_auto_turns_bf16_on_only_where_it_was_measured_to_win():
+    from gancore.models import ModelSpec
+    from pipelines.worker import autocast_dtype
+
+    default, wide = ModelSpec("dcgan", 64, 3, 32, 32), ModelSpec("dcgan", 64, 3, 64, 128)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_dtype("auto", wide, gpu) == torch.bfloat16
+    assert autocast_dtype("auto", default, gpu) is None, "the default width ran 0.80x in bf16"
+    assert autocast_dtype("auto", wide, cpu) is None, "CPU runs stay float32"
+    assert autocast_dtype("bf16", default, cpu) == torch.bfloat16 and autocast_dtype("off", wide, gpu) is None
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["train"]["autocast"] = "bf16"
+    assert parse_params(raw).train.autocast == "bf16"
+    raw["train"]["autocast"] = "fp8"
+    with pytest.raises(ConfigError, match=r"train\.autocast"):
+        parse_params(raw)
