@@ -1,6 +1,6 @@
 """The default pipeline against the classic plain DCGAN loop at equal wall-clock, over seeds.
 
-    python -m benchmarks.quality [--seeds 0 1 2] [--out docs/quality]
+    python -m benchmarks.quality [--seeds 0 1 2] [--name quality-mnist]
 
 Needs `dvc repro featurenet` first: everything is scored like the evaluate stage (same featurenet,
 held-out images, N and metric code). For each seed, in one invocation:
@@ -11,7 +11,8 @@ held-out images, N and metric code). For each seed, in one invocation:
   pbt_dcgan_mnist example (z = 100, 32 base channels, non-saturating BCE, Adam 2e-4 with betas
   (0.5, 0.999), batch 64, unconditional, no EMA), given the same wall-clock on the same cores.
 
-Prints a Markdown table with the median and range over seeds and writes each seed's grids.
+Writes docs/results/<name>.md and .json (benchmarks/results.py: the median and range over seeds, real vs
+real beside, per-seed rows) and each seed's grids to docs/results/<name>/.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks import results
 from benchmarks.prepared_setup import PreparedSetup, train_plain
 from gancore.images import from_uint8
 from gancore.models import ModelSpec, build_gan
@@ -87,8 +89,9 @@ def summary(rows: list[dict], key: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=Path("docs/quality"))
+    parser.add_argument("--name", default="quality-mnist", help="the result file's name in docs/results/")
     args = parser.parse_args()
+    grids = results.RESULTS_DIR / args.name
     params = load_params()
     setup = PreparedSetup.load(params)
     n = min(params.eval.num_samples, len(setup.test_images))
@@ -100,23 +103,36 @@ def main() -> None:
     for seed in args.seeds:
         seeded = with_seed(params, seed)
         generator, seconds = run_default(seeded, published)
-        rows["default"].append({**evaluate(generator, setup, seeded, args.out / f"default-seed{seed}.png"),
+        rows["default"].append({**evaluate(generator, setup, seeded, grids / f"default-seed{seed}.png"),
                                 "seconds": seconds, "steps": params.train.steps})
         classic, steps = run_classic(seeded, setup, seed, seconds)
-        rows["classic DCGAN"].append({**evaluate(classic, setup, seeded, args.out / f"classic-seed{seed}.png"),
+        rows["classic DCGAN"].append({**evaluate(classic, setup, seeded, grids / f"classic-seed{seed}.png"),
                                       "seconds": seconds, "steps": steps})
         print(f"seed {seed}: default FID {rows['default'][-1]['fid']:.2f} in {seconds:.0f} s; classic FID "
               f"{rows['classic DCGAN'][-1]['fid']:.2f} in {steps} steps", flush=True)
     ray.shutdown()
-    print(f"\nN = {n} generated vs {n} held-out images, featurenet space, seeds {args.seeds}: "
-          f"median [min, max]; real-vs-real FID {real['fid']['value']:.2f}\n")
-    print("| recipe | domain-FID | KID | precision | recall | G steps | train wall-clock |")
-    print("|---|---|---|---|---|---|---|")
-    for name, runs in rows.items():
-        print(f"| {name} | " + " | ".join(summary(runs, key) for key in METRICS)
-              + f" | {summary(runs, 'steps')} | {summary(runs, 'seconds')} s |")
+    write_result(args.name, params, n, args.seeds, {key: real[key]["value"] for key in METRICS if key in real}, rows)
+
+
+def write_result(name: str, params: Params, n: int, seeds: list[int], real: dict, rows: dict[str, list[dict]]) -> None:
+    """docs/results/<name>.md + .json: the summary over seeds, real vs real beside, each seed's row and grid."""
     ratios = [classic["fid"] / default["fid"] for default, classic in zip(rows["default"], rows["classic DCGAN"])]
-    print(f"\nclassic FID / default FID, per seed: {', '.join(f'{ratio:.2f}' for ratio in ratios)}")
+    over_real = [row["fid"] / real["fid"] for row in rows["default"]]
+    grids = sorted((results.RESULTS_DIR / name).glob("*.png"))
+    lines = [f"`{params.data.source}` at {params.data.image_size} px; N = {n} generated vs {n} held-out images, "
+             f"featurenet space; median [min, max] over seeds {seeds}. Real vs real: FID {real['fid']:.3g}, "
+             f"precision {real['precision']:.3g}, recall {real['recall']:.3g}.", "",
+             "| recipe | domain-FID | KID | precision | recall | G steps | train wall-clock (s) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {recipe} | " + " | ".join(summary(runs, key) for key in (*METRICS, "steps", "seconds")) + " |"
+              for recipe, runs in rows.items()]
+    lines += ["", "classic FID / default FID, per seed: " + ", ".join(f"{ratio:.2f}" for ratio in ratios),
+              "default FID / real-vs-real FID, per seed: " + ", ".join(f"{ratio:.2f}" for ratio in over_real),
+              "", "Grids: " + ", ".join(f"[{path.stem}]({name}/{path.name})" for path in grids)]
+    path = results.write(name, "\n".join(lines), {"real_vs_real": real, "rows": rows,
+                                                   "classic_over_default_fid": ratios},
+                         spread=f"median [min, max] over seeds {seeds}")
+    print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -26,12 +26,18 @@ def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start a local one."""
     if ray.is_initialized():
         return
-    if not os.environ.get("RAY_ADDRESS"):
+    # "local" (or no address): a new cluster for this stage, never one a `ray start` on this machine happened to
+    # leave running (ray.init() with no address joins the latest one).
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         # A Ray started here is one machine that nobody drains: Train's preemption watcher (an actor polling
         # every 5 s, whose creation logs an E line from Ray's core worker) has nothing to watch. Clusters keep it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # The dashboard stays on even locally: Ray Train's placement-group cleanup asks its state API.
-    ray.init(logging_level="WARNING")
+        # A new local cluster turns on token auth (Ray's safe default) and logs a WARNING saying so, in every
+        # Ray stage of a healthy run; there is nothing to do about it, so that one logger keeps to errors.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # The dashboard stays on: Ray Train's placement-group cleanup asks its state API.
+    ray.init(address=address, logging_level="WARNING")
 
 
 def require_resources(workers: int, use_gpu: bool, cpus_per_worker: float = 1.0) -> None:

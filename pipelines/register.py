@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -87,6 +88,20 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
+@contextmanager
+def dropped_log_message(logger_name: str, prefix: str) -> Iterator[None]:
+    """Drop `logger_name`'s records starting with `prefix` while the block runs; every other record passes."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def log_model_run(params: Params, metrics: dict, tags: dict[str, str], generator: torch.nn.Module, run_id: str):
     """The register run: params, lineage tags, artifacts, the logged model and the evaluation metrics linked
     to it (MLflow 3's model id), so the model's page shows its scores."""
@@ -103,11 +118,14 @@ def log_model_run(params: Params, metrics: dict, tags: dict[str, str], generator
             mlflow.log_artifact(str(artifact))
         # A pickled nn.Module with gancore bundled loads back as gancore's Sampler (sampling needs its
         # latent_dim and num_classes); the local "+cpu" torch label is not installable, the release is.
-        model = mlflow.pytorch.log_model(
-            sampler, name="generator", signature=signature, input_example=example.numpy(),
-            serialization_format="pickle", code_paths=[str(Path(gancore.__file__).parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        # Pickle is chosen on purpose (above); MLflow's WARNING about pickle on every registration says nothing
+        # new. Only that message is dropped, and only around this call.
+        with dropped_log_message("mlflow.pytorch", "Saving pytorch model by Pickle"):
+            model = mlflow.pytorch.log_model(
+                sampler, name="generator", signature=signature, input_example=example.numpy(),
+                serialization_format="pickle", code_paths=[str(Path(gancore.__file__).parent)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
         mlflow.log_metrics(flat_metrics(metrics), model_id=model.model_id)
     return model
 

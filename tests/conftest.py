@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -127,7 +129,8 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
     import ray
 
     # With the dashboard, as in the stages: Ray Train's placement-group cleanup asks its state API.
-    ray.init(num_cpus=2, logging_level="WARNING")
+    # address "local": a cluster of this test process's own, never a `ray start` head another test left up.
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     try:
         yield
     finally:
@@ -160,3 +163,38 @@ def mlflow_server_in(folder: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def start_node(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`ray start --block` in its own process group, so teardown stops this node and no other Ray on the machine."""
+    with log.open("ab") as out:
+        return subprocess.Popen(command + ["--block", "--disable-usage-stats"], env=env | {"PYTHONUNBUFFERED": "1"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_node(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def forget_ray_address(address: str) -> None:
+    """Delete the record of the latest `ray start --head` if it names `address`: `ray stop` would delete it, but
+    it stops every Ray on the machine, and a stale record would send another test's `ray.init()` there."""
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if record.is_file() and record.read_text().strip() == address:
+        record.unlink()
+
+
+def wait_for_log_line(log: Path, text: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{text!r} never appeared in {log}:\n{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.5)

@@ -20,7 +20,8 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import REPO, SECRET_ACCESS_KEY, free_port, mlflow_server_in, tiny_params
+from conftest import (REPO, SECRET_ACCESS_KEY, forget_ray_address, free_port, mlflow_server_in, start_node, stop_node,
+                      tiny_params, wait_for_log_line)
 from pipelines.cli import UPLOAD_DEFAULT_EXCLUDES
 from pipelines.sample_data import seed
 from pipelines.stack import ensure_bucket
@@ -116,9 +117,6 @@ ALARMING = re.compile(r"^\(?[^)]*\)?\s*[EWF]\d{4} |^\s*[EWF] \S+\.cc:\d+|Warning
                       re.MULTILINE)
 
 
-@pytest.mark.xfail(strict=True, reason="known noise, not yet silenced: Ray's 'Token authentication is enabled' "
-                   "WARNING and MLflow's pickle-format WARNING when logging the model; strict, so silencing them "
-                   "turns this into a failure that asks to drop the mark")
 def test_a_healthy_run_prints_nothing_that_looks_like_a_failure(pipeline_run):
     """dvc repro of the whole chain: progress and stage summaries only, no internal noise (issue: a newcomer
     reads 'E ... core_worker.cc' and 'Matrix is singular' as failure)."""
@@ -322,13 +320,18 @@ def ray_head(tmp_path, monkeypatch):
     # Ray 2.5x+ clusters require a token; clients send it only in token mode.
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     run(["ray", "get-auth-token", "--generate"], tmp_path)
-    run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--disable-usage-stats"], tmp_path, timeout=180)
+    gcs_address, log = f"127.0.0.1:{free_port()}", tmp_path / "ray-head.log"
+    # In its own process group, stopped alone: `ray stop` would stop every Ray on the machine (a parallel run's too).
+    head = start_node([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                       f"--port={gcs_address.split(':')[1]}", "--num-cpus=2", "--include-dashboard=true",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"],
+                      {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}, log)
     try:
+        wait_for_log_line(log, "Ray runtime started", head)
         yield f"http://127.0.0.1:{dashboard_port}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+        stop_node(head)
+        forget_ray_address(gcs_address)
 
 
 def test_ray_job_submit_runs_the_pipeline_on_a_cluster(ray_head, seeded_bucket, tmp_path):

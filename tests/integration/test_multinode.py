@@ -17,14 +17,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-from conftest import SECRET_ACCESS_KEY, free_port, tiny_params
+from conftest import SECRET_ACCESS_KEY, forget_ray_address, free_port, start_node, stop_node, tiny_params
 
 from pipelines.stack import start_s3_server, stop
 
@@ -65,25 +64,6 @@ def node_network() -> Iterator[None]:
         subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)  # removes the veth pair too
 
 
-def start_node(command: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """`ray start --block` in its own process group, so teardown stops this node and no other Ray on the machine."""
-    with log.open("ab") as out:
-        return subprocess.Popen(command + ["--block", "--disable-usage-stats"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_node(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def cluster(node_network, tmp_path_factory) -> Iterator[dict]:
     """S3 server + head on the host address, a worker node in the namespace; the environment a driver needs."""
@@ -116,11 +96,7 @@ def cluster(node_network, tmp_path_factory) -> Iterator[dict]:
         for node in reversed(nodes):
             stop_node(node)
         stop(s3)
-        # `ray start --head` records its address for later `ray.init()` calls; `ray stop` would delete the
-        # record, but it stops every Ray on the machine. A stale record would send other tests to this cluster.
-        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if record.is_file() and record.read_text().strip() == f"{HOST_IP}:{gcs_port}":
-            record.unlink()
+        forget_ray_address(f"{HOST_IP}:{gcs_port}")
 
 
 def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
