@@ -24,7 +24,7 @@ from gancore.step import generate_images
 from pipelines.artifacts import MODEL_DIR, PREPARED_DIR, load_generator
 from pipelines.config import load_params
 from pipelines.dataset import load_split
-from pipelines.featurenet import train_encoder
+from pipelines.stages.featurenet import train_encoder
 
 
 def blur(images: torch.Tensor, passes: int) -> torch.Tensor:

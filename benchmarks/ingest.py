@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.config import DataParams
-from pipelines.prepare import prepare
+from pipelines.stages.prepare import prepare
 from pipelines.stack import endpoint_url, ensure_bucket, start_s3_server, stop, use_moto_defaults
 from pipelines.storage import list_objects, s3_client, split_s3_uri
 

@@ -33,9 +33,9 @@ from gancore.step import generate_images
 from gancore.training import OptimizerSettings
 from pipelines.artifacts import PREPARED_DIR
 from pipelines.config import Params, load_params
-from pipelines.evaluate import save_grid, score
+from pipelines.stages.evaluate import save_grid, score
 from pipelines.ray_runtime import publish_training_data
-from pipelines.train import completed_state, fit
+from pipelines.stages.train import completed_state, fit
 
 CLASSIC_MODEL = {"family": "dcgan", "latent_dim": 100, "base_channels": 32, "conditional": False,
                  "loss": "non_saturating", "spectral_norm": False, "minibatch_discrimination": False,

@@ -30,8 +30,8 @@ from gancore.metrics import coverage, fid, precision_recall
 from gancore.step import generate_images
 from gancore.training import OptimizerSettings
 from pipelines.config import Params, load_params
-from pipelines.evaluate import save_grid
-from pipelines.train import tuned_optimizer
+from pipelines.stages.evaluate import save_grid
+from pipelines.stages.train import tuned_optimizer
 
 # name -> (model overrides, train overrides, optimizer overrides, global batch multiplier)
 VARIANTS: dict[str, tuple[dict, dict, dict, float]] = {

@@ -26,7 +26,7 @@ from gancore.metrics.features import feature_reference
 from gancore.models.classifier import Classifier
 from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
-from pipelines.train import completed_state, fit
+from pipelines.stages.train import completed_state, fit
 
 NUM_CLASSES = 10
 

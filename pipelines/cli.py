@@ -122,7 +122,7 @@ def generate(
     from mlflow.exceptions import MlflowException
 
     from gancore.step import generate_images
-    from pipelines.evaluate import save_grid
+    from pipelines.stages.evaluate import save_grid
     from pipelines.tracking import configure_mlflow
 
     if not model.startswith(("models:/", "runs:/")):

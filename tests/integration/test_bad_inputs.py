@@ -20,7 +20,7 @@ GAN = [sys.executable, "-m", "pipelines.cli"]
 
 
 def stage(name: str) -> list[str]:
-    return [sys.executable, "-m", f"pipelines.{name}"]
+    return [sys.executable, "-m", f"pipelines.stages.{name}"]
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 from synthetic import REPO_PARAMS, data_params
 
-from pipelines import prepare as stage
+from pipelines.stages import prepare as stage
 from pipelines.dataset import DatasetError, load_split, read_manifest
-from pipelines.prepare import DataQualityError, prepare, split_of
+from pipelines.stages.prepare import DataQualityError, prepare, split_of
 from pipelines.storage import list_objects, read_bytes, s3_client, split_s3_uri
 
 BUCKET = "gan-test-data"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from synthetic import data_params, encode, npz, pixels_by_key, write_folder
 
-from pipelines.prepare import prepare
+from pipelines.stages.prepare import prepare
 from pipelines.sources import ImageShape
 
 SOURCE_SIDE, SIZE = 96, 32  # resized 3:1; the Lanczos filter then reaches 3 prepared pixels either side

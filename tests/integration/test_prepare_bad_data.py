@@ -12,7 +12,7 @@ from PIL import Image
 from synthetic import data_params, encode, noise, npz, png_claiming_size, tar_shard, upload
 
 from pipelines.dataset import read_manifest
-from pipelines.prepare import DataQualityError, prepare
+from pipelines.stages.prepare import DataQualityError, prepare
 from pipelines.stack import ensure_bucket
 
 SOURCE = "s3://gan-test-data/corrupt"

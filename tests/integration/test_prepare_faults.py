@@ -17,7 +17,7 @@ from conftest import REPO
 from synthetic import REPO_PARAMS, data_params, encode, noise, npz, tar_shard, upload
 
 from pipelines.dataset import load_split, read_manifest
-from pipelines.prepare import prepare
+from pipelines.stages.prepare import prepare
 from pipelines.stack import ensure_bucket
 from pipelines.storage import s3_client
 
@@ -59,7 +59,7 @@ def run_prepare(workdir: Path, source: str) -> subprocess.Popen:
     params["data"] |= {"source": source, "image_size": 16, "shard_size": 64, "download_workers": 4}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.prepare"], cwd=workdir, env=environment,
+    return subprocess.Popen([sys.executable, "-m", "pipelines.stages.prepare"], cwd=workdir, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -23,7 +23,7 @@ from conftest import REPO
 from synthetic import data_params, encode, noise, npz, tar_shard, write_folder
 
 from pipelines.config import DataParams
-from pipelines.prepare import prepare
+from pipelines.stages.prepare import prepare
 from pipelines.sources import METADATA_BYTES, ImageShape
 
 HEADROOM = 2 << 30  # address space the child may add after its imports: less than any size declared below
@@ -35,7 +35,7 @@ CHILD = """
 import resource, sys
 from pathlib import Path
 from pipelines.config import DataParams
-from pipelines.prepare import DataQualityError, prepare
+from pipelines.stages.prepare import DataQualityError, prepare
 
 with open("/proc/self/status") as status:
     mapped = next(int(line.split()[1]) << 10 for line in status if line.startswith("VmSize:"))

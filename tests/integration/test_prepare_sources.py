@@ -10,7 +10,7 @@ from PIL import Image
 from synthetic import data_params, encode, noise, npz, pixels_by_key, tar_shard, upload, write_folder
 
 from pipelines.dataset import load_split
-from pipelines.prepare import prepare
+from pipelines.stages.prepare import prepare
 from pipelines.stack import ensure_bucket
 from pipelines.storage import s3_client
 

@@ -18,7 +18,7 @@ from conftest import tiny_params
 from toy_training import toy_fit
 
 from pipelines.config import parse_params
-from pipelines.train import TrainingStopped, completed_state
+from pipelines.stages.train import TrainingStopped, completed_state
 
 
 def test_two_workers_train_checkpoint_and_resume(ray_local, tmp_path):

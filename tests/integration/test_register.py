@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from gancore.models import ModelSpec, build_gan
-from pipelines import register
+from pipelines.stages import register
 from pipelines.errors import UserError
 from pipelines.promotion import history
 
@@ -254,7 +254,7 @@ def test_parallel_registrations_end_with_the_best_champion_and_one_version_per_l
         root = tmp_path / label
         root.mkdir()
         write_workspace(root, fid=fid, seed=seeds[label], interval=1.0)
-        processes.append(subprocess.Popen([sys.executable, "-m", "pipelines.register"], cwd=root,
+        processes.append(subprocess.Popen([sys.executable, "-m", "pipelines.stages.register"], cwd=root,
                                           env={**os.environ, "MLFLOW_TRACKING_URI": url},
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [process.communicate(timeout=600)[0] for process in processes]

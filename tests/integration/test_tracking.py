@@ -9,8 +9,8 @@ import yaml
 from conftest import tiny_params
 from mlflow import MlflowClient
 
-from pipelines import train
-from pipelines.train import TrainingStopped
+from pipelines.stages import train
+from pipelines.stages.train import TrainingStopped
 
 
 def test_a_stopped_training_ends_failed_with_its_reason(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from conftest import tiny_params
 from toy_training import TOY_SHAPE, toy_data
 
 from pipelines.config import ConfigError, parse_params
-from pipelines.tune import BEST_PARAMS_FILE, TRIALS_FILE, SynchronousHalving, run_search, write_outputs
+from pipelines.stages.tune import BEST_PARAMS_FILE, TRIALS_FILE, SynchronousHalving, run_search, write_outputs
 from pipelines.worker import load_checkpoint
 
 

@@ -19,7 +19,7 @@ from gancore.models.classifier import Classifier
 from pipelines.config import Params, parse_params
 from pipelines.ray_runtime import put_shards
 from pipelines.shards import encode_shards
-from pipelines.train import completed_state, fit
+from pipelines.stages.train import completed_state, fit
 
 
 def blobs(count: int = 96, size: int = 16) -> np.ndarray:

@@ -14,7 +14,7 @@ from gancore.metrics.features import reference_statistics
 from gancore.models.classifier import Classifier
 from pipelines.artifacts import ArtifactError, load_featurenet, load_reference, save_featurenet
 from pipelines.config import ConfigError, parse_params
-from pipelines.train import tuned_optimizer, worker_errors
+from pipelines.stages.train import tuned_optimizer, worker_errors
 from pipelines.worker import CHECKPOINT_FILE, load_checkpoint
 
 

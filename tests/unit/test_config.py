@@ -157,7 +157,7 @@ def test_not_yaml_mapping(tmp_path):
 @pytest.mark.parametrize("stage", ["prepare", "featurenet", "tune", "train", "evaluate", "register"])
 def test_stage_stops_before_compute_and_names_the_key(tmp_path, stage):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_change("train", "num_workers", 0)))
-    finished = subprocess.run([sys.executable, "-m", f"pipelines.{stage}"], cwd=tmp_path, capture_output=True,
+    finished = subprocess.run([sys.executable, "-m", f"pipelines.stages.{stage}"], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120)
     assert finished.returncode != 0
     assert "train.num_workers" in finished.stderr

@@ -1,6 +1,6 @@
 """dvc.yaml is complete: each stage lists the code it imports and the params it reads, and nothing else.
 
-Both sides are derived from the sources: the stage's module (`python -m pipelines.<stage>`) and
+Both sides are derived from the sources: the stage's module (`python -m pipelines.stages.<stage>`) and
 everything in the repository it imports, transitively (package __init__s included, imports inside
 functions too); and every `params.<section>[.<key>]` that code reads, with methods of a section
 (`params.train.optimizer()`) resolved to the fields they read. A missing entry leaves stale results

@@ -23,7 +23,7 @@ from gancore.metrics import extract, fid
 from gancore.metrics.features import pseudo_class_centroids, pseudo_classes
 from pipelines.config import FeaturenetParams, HealthParams
 from pipelines.dataset import DatasetError
-from pipelines.featurenet import MIN_ENCODER_IMAGES, reference, train_encoder, train_featurenet
+from pipelines.stages.featurenet import MIN_ENCODER_IMAGES, reference, train_encoder, train_featurenet
 from pipelines.worker import evaluate_samples, health_problem
 
 

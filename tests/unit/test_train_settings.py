@@ -8,7 +8,7 @@ import yaml
 
 from conftest import tiny_params
 from pipelines.config import ConfigError, parse_params
-from pipelines.train import REPOSITORY, SHAPING_CODE, code_digest, run_name, tuned_optimizer
+from pipelines.stages.train import REPOSITORY, SHAPING_CODE, code_digest, run_name, tuned_optimizer
 
 
 def test_tuned_values_replace_searched_keys_only(tmp_path):

@@ -33,7 +33,7 @@ from pipelines.tracking import (child_run, configure_mlflow, fail, log_dataset, 
                                 pipeline_run)
 from pipelines.worker import RUN_BUDGET, LoopConfig, gan_train_loop, load_checkpoint
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 # The code that decides the weights at a given step: models, losses and the step (gancore), the worker
 # loop and its batch order, and how params become the model spec and the recipe.
 SHAPING_CODE = ("gancore", "pipelines/worker.py", "pipelines/dataset.py", "pipelines/config.py")
