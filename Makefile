@@ -55,7 +55,6 @@ pipeline: stack-up
 	@test -z "$(PRESET)" -o -f "$(PRESET_FILE)" || { echo "make: error: no preset $(PRESET_FILE); choose one of: $$(ls presets | tr "\n" " ")" >&2; exit 2; }
 	$(EMBEDDED_ENV) time $(REPRO)
 	$(EMBEDDED_ENV) dvc push
-	dvc metrics show
 	$(PY) -m benchmarks.results --pipeline
 
 test: setup

@@ -1,6 +1,6 @@
 """Does the metric space see what a person sees? Known corruptions of real images, scored in featurenet's space.
 
-    python benchmarks/feature_space.py [--steps 155 900] [--count 1000]
+    python -m benchmarks.feature_space [--steps 155 900] [--count 1000]
 
 Run in a repository whose `dvc repro` has prepared unlabelled data (e.g. after `make pipeline PRESET=photos-64`).
 For each SimCLR budget in `--steps` (featurenet.encoder_steps), trains the encoder on the prepared train split
@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import results
 from gancore.images import from_uint8
 from gancore.metrics import extract, fid
 from gancore.step import generate_images
@@ -45,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="+", default=[155, 900])
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--name", default="feature-space", help="the result file's name in docs/results/")
     args = parser.parse_args()
     params = load_params()
     train, _ = load_split(PREPARED_DIR, "train")
@@ -55,18 +57,24 @@ def main() -> None:
         generator, config = load_generator()
         rows["generator (models/gan)"] = generate_images(generator, count, config["latent_dim"], seed=0,
                                                          num_classes=config["num_classes"])
-    print(f"# FID against {count} held-out images of {params.data.source} at {params.data.image_size} px "
-          f"(x: ratio to real-vs-real)")
+    table: dict[int, dict[str, float]] = {}
     for steps in args.steps:
         started = time.perf_counter()
         settings = params.featurenet.model_copy(update={"encoder_steps": steps})
         encoder = train_encoder(train, settings)
         reference = extract(encoder, from_uint8(test[:count]))[0]
-        scores = {name: fid(extract(encoder, images.clamp(-1, 1))[0], reference) for name, images in rows.items()}
-        base = scores["real-vs-real"]
-        listed = ", ".join(f"{name} {value:.2f} (x{value / base:.1f})" for name, value in scores.items())
-        print(f"encoder_steps {steps} (trained in {time.perf_counter() - started:.0f} s): {listed}", flush=True)
-
+        table[steps] = {name: fid(extract(encoder, images.clamp(-1, 1))[0], reference) for name, images in rows.items()}
+        print(f"encoder_steps {steps} trained and scored in {time.perf_counter() - started:.0f} s", flush=True)
+    report = results.Report()
+    report.line(f"FID against {count} held-out images of `{params.data.source}` at {params.data.image_size} px, "
+                f"in featurenet spaces trained for each SimCLR budget (x: ratio to real-vs-real).\n")
+    report.line("| images | " + " | ".join(f"encoder_steps {steps}" for steps in table) + " |")
+    report.line("|---|" + "---|" * len(table))
+    for name in rows:
+        report.line(f"| {name} | " + " | ".join(f"{scores[name]:.2f} (x{scores[name] / scores['real-vs-real']:.1f})"
+                                               for scores in table.values()) + " |")
+    report.save(args.name, {"source": params.data.source, "count": count, "fid": table},
+                spread="one encoder per budget, one sample of each corruption")
 
 if __name__ == "__main__":
     main()

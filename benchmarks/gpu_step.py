@@ -1,6 +1,6 @@
 """The GPU path of the training step, side by side in one run: float32 against bf16 autocast with channels-last.
 
-    python benchmarks/gpu_step.py [--rounds 3] [--steps 60] [--out gpu_step.json]
+    python -m benchmarks.gpu_step [--rounds 3] [--steps 60] [--cpu]  # writes docs/results/gpu-step.md (not with --cpu)
 
 Each row is gancore's TrainingState (the default DCGAN at --cases' size, batch and width, conditional on
 10 classes, params.yaml's recipe values written out below) wrapped as a Ray Train GPU worker wraps it: G and D each in DistributedDataParallel with
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import statistics
 import time
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks import results
 from gancore.models import ModelSpec
 from gancore.step import StepSettings
 from gancore.training import DDP_OPTIONS, OptimizerSettings, TrainingState
@@ -87,8 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--cases", default="32:64:32,32:512:32,64:256:32,64:256:128",
                         help="image_size:batch:model.base_channels per row, comma-separated")
-    parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--out", default="gpu_step.json")
+    parser.add_argument("--cpu", action="store_true", help="a dry run on the CPU (gloo); writes no result file")
     args = parser.parse_args()
     device = torch.device("cpu") if args.cpu else torch.device("cuda", 0)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -96,17 +95,22 @@ def main() -> None:
     dist.init_process_group("gloo" if args.cpu else "nccl", rank=0, world_size=1)
     name = "CPU" if args.cpu else torch.cuda.get_device_name(device)
     print(f"{name}, torch {torch.__version__}, backend {dist.get_backend()}, DDP {ddp_options()}", flush=True)
-    results = {}
+    report, summaries = results.Report(), {}
+    report.line(f"{name}, torch {torch.__version__}; {args.steps} timed steps per row after 10 warm-up steps, "
+                f"{args.rounds} interleaved rounds.\n")
+    report.line("| image size, batch, width | row | img/s [min, max] |")
+    report.line("|---|---|---|")
     for case in args.cases.split(","):
         shape = tuple(map(int, case.split(":")))
         rounds = [{row: measure(row, shape, args.steps, device) for row in ROWS} for _ in range(args.rounds)]
-        results[case] = summarise(rounds, shape)
-    with open(args.out, "w") as handle:
-        json.dump({"device": name, "torch": torch.__version__, "results": results}, handle, indent=2)
+        summaries[case] = summarise(rounds, shape, report)
     dist.destroy_process_group()
+    if not args.cpu:
+        report.save("gpu-step", {"device": name, "torch": torch.__version__, "cases": summaries},
+                    spread=f"median [min, max] over {args.rounds} interleaved rounds")
 
 
-def summarise(rounds: list[dict], shape: tuple[int, int, int]) -> dict:
+def summarise(rounds: list[dict], shape: tuple[int, int, int], report: results.Report) -> dict:
     """Median and range of img/s per row, the bf16/float32 ratio within each round, and the checks."""
     speeds = {row: [r[row]["images_per_second"] for r in rounds] for row in ROWS}
     ratios = [r["bf16 + channels-last"]["images_per_second"] / r["float32"]["images_per_second"] for r in rounds]
@@ -115,13 +119,12 @@ def summarise(rounds: list[dict], shape: tuple[int, int, int]) -> dict:
     summary = {"speeds": speeds, "ratios": ratios, "loss_d_max_difference_first_20_steps": drift,
                "finite": all(r[row]["finite"] for r in rounds for row in ROWS),
                "peak_gpu_mb": {row: max(r[row]["peak_gpu_mb"] for r in rounds) for row in ROWS}}
-    label = f"{shape[0]:3d} px, batch {shape[1]:4d}, width {shape[2]:3d}"
+    label = f"{shape[0]} px, batch {shape[1]}, width {shape[2]}"
     for row, values in speeds.items():
-        print(f"{label} | {row:23s} | {statistics.median(values):9.0f} img/s"
-              f" [{min(values):.0f}, {max(values):.0f}]", flush=True)
-    print(f"{label} | bf16 + channels-last / float32: {statistics.median(ratios):.2f}"
-          f" [{min(ratios):.2f}, {max(ratios):.2f}] | losses finite: {summary['finite']} | loss_d max |difference|"
-          f" over the first 20 steps: {drift:.3f}", flush=True)
+        report.line(f"| {label} | {row} | {statistics.median(values):.0f} [{min(values):.0f}, {max(values):.0f}] |")
+    report.line(f"| {label} | **bf16 + channels-last / float32** | {statistics.median(ratios):.2f} "
+                f"[{min(ratios):.2f}, {max(ratios):.2f}]; losses finite: {summary['finite']}; largest loss_d "
+                f"difference over the first 20 steps: {drift:.3f} |")
     return summary
 
 

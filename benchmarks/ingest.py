@@ -1,7 +1,7 @@
 """Ingest benchmark: stage prepare beside a plain parallel boto3 download of the same objects, in one run.
 
-    python benchmarks/ingest.py                           # 50,000 small PNGs on an embedded moto server
-    python benchmarks/ingest.py --source s3://bucket/pfx  # objects already at AWS_ENDPOINT_URL (or real S3)
+    python -m benchmarks.ingest                           # 50,000 small PNGs on an embedded moto server
+    python -m benchmarks.ingest --source s3://bucket/pfx  # objects already at AWS_ENDPOINT_URL (or real S3)
 
 The sides alternate (--rounds), each in its own child process, so the printed peak RSS (from
 wait4) is that side's alone. prepare also decodes, resizes and shards; the plain side only reads.
@@ -28,9 +28,10 @@ from botocore.config import Config
 from PIL import Image
 from tqdm import tqdm
 
+from benchmarks import results
 from pipelines.config import DataParams
-from pipelines.stages.prepare import prepare
 from pipelines.stack import endpoint_url, ensure_bucket, start_s3_server, stop, use_moto_defaults
+from pipelines.stages.prepare import prepare
 from pipelines.storage import list_objects, s3_client, split_s3_uri
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,25 +70,28 @@ def _compare(args: argparse.Namespace) -> None:
     count, megabytes = len(listed), sum(stored.size for stored in listed) / 1e6
     print(f"{args.source}: {count} objects, {megabytes:.1f} MB; {args.workers} workers", flush=True)
     rounds = [{side: _run_child(side, args) for side in ("plain", "prepare")} for _ in range(args.rounds)]
-    results = {side: min((run[side] for run in rounds), key=lambda result: result["seconds"]) for side in rounds[0]}
-    for side, best in results.items():
-        best["peak_rss_mb"] = max(run[side]["peak_rss_mb"] for run in rounds)
+    best = {side: min((run[side] for run in rounds), key=lambda result: result["seconds"]) for side in rounds[0]}
+    report = results.Report()
+    report.line(f"`{args.source}`: {count} objects, {megabytes:.1f} MB; {args.workers} download workers on both "
+                f"sides; best of {args.rounds} alternating round(s), each side in its own process.\n")
+    report.line("| side | seconds per round | objects/s | MB/s | peak RSS (MB) | CPU s |")
+    report.line("|---|---|---:|---:|---:|---:|")
+    for side, result in best.items():
+        result["peak_rss_mb"] = max(run[side]["peak_rss_mb"] for run in rounds)
         seconds = ", ".join(f"{run[side]['seconds']:.1f}" for run in rounds)
-        print(f"{side} seconds per round: {seconds}")
+        report.line(f"| {side} | {seconds} | {count / result['seconds']:.0f} | {megabytes / result['seconds']:.2f} | "
+                    f"{result['peak_rss_mb']:.0f} | {result['cpu']:.1f} |")
+    ratio = best["plain"]["seconds"] / best["prepare"]["seconds"]
     decoded_mb = count * args.image_size**2 * args.channels / 1e6
-    print(f"\n{'':8} {'seconds':>8} {'objects/s':>10} {'MB/s':>7} {'peak RSS MB':>12} {'CPU s':>6}")
-    for side, result in results.items():
-        seconds = result["seconds"]
-        print(f"{side:8} {seconds:8.1f} {count / seconds:10.0f} {megabytes / seconds:7.2f} "
-              f"{result['peak_rss_mb']:12.0f} {result['cpu']:6.1f}")
-    ratio = results["plain"]["seconds"] / results["prepare"]["seconds"]
-    print(f"\nprepare / plain throughput: {ratio:.2f}x (target >= 0.9x)")
-    print(f"prepared pixels of the whole dataset: {decoded_mb:.0f} MB ({count} x {args.image_size}^2 x {args.channels})")
+    report.line(f"\nprepare / plain throughput: {ratio:.2f}x (target >= 0.9x). prepare also decodes, resizes to "
+                f"{args.image_size} px and shards; the prepared pixels of the whole dataset: {decoded_mb:.0f} MB.")
+    report.save("ingest", {"objects": count, "megabytes": megabytes, "rounds": rounds, "prepare_over_plain": ratio},
+                spread=f"best of {args.rounds} round(s), every round listed")
 
 
 def _run_child(side: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--child", side, "--source", args.source, "--workers", str(args.workers),
-               "--image-size", str(args.image_size), "--channels", str(args.channels)]
+    command = [sys.executable, "-m", "benchmarks.ingest", "--child", side, "--source", args.source,
+               "--workers", str(args.workers), "--image-size", str(args.image_size), "--channels", str(args.channels)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)

@@ -1,6 +1,6 @@
 """Training memory against dataset size: the same Ray Train worker on a train split 10x larger.
 
-    python benchmarks/stream_memory.py [--images 100000] [--image-size 64] [--shard-size 500]
+    python -m benchmarks.stream_memory [--images 100000] [--image-size 64] [--shard-size 500]
 
 Builds synthetic RGB train splits of images/10 and images images (coloured squares on a coloured
 background, plus noise), shard by shard, straight into the Ray object store as train does, then trains params.yaml's
@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from throughput import benchmark_params
 
+from benchmarks import results
+from benchmarks.throughput import benchmark_params
 from gancore.images import from_uint8
 from gancore.metrics.features import feature_reference
 from gancore.models.classifier import Classifier
@@ -86,25 +87,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="enough to cross several shards")
     args = parser.parse_args()
-    ray.init(num_cpus=1, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(address="local", num_cpus=1, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     rows = []
     with tempfile.TemporaryDirectory(prefix="stream-memory-") as storage:
         for images in (args.images // 10, args.images):
             rows.append(measure(images, args, storage))
     ray.shutdown()
-    print(f"\n{args.image_size}x{args.image_size}x3 images, shards of {args.shard_size}, 1 worker x batch "
-          f"{args.batch_size}, {args.steps} steps\n")
-    print("| train split | decoded pixels (MB) | shards in the object store (MB) | worker peak RSS (MB) |"
-          " driver private memory after publishing (MB) |")
-    print("|---:|---:|---:|---:|---:|")
+    report = results.Report()
+    report.line(f"{args.image_size}x{args.image_size}x3 images, shards of {args.shard_size}, 1 worker x batch "
+                f"{args.batch_size}, {args.steps} steps\n")
+    report.line("| train split | decoded pixels (MB) | shards in the object store (MB) | worker peak RSS (MB) |"
+                " driver private memory after publishing (MB) |")
+    report.line("|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['images']:,} | {row['decoded_mb']:,.0f} | {row['stored_mb']:,.0f} | {row['worker_peak_mb']:,.0f}"
-              f" | {row['driver_private_mb']:,.0f} |")
+        report.line(f"| {row['images']:,} | {row['decoded_mb']:,.0f} | {row['stored_mb']:,.0f} | "
+                    f"{row['worker_peak_mb']:,.0f} | {row['driver_private_mb']:,.0f} |")
     small, large = rows
-    print(f"\nworker peak RSS, {large['images']:,} / {small['images']:,} images: "
-          f"{large['worker_peak_mb'] / small['worker_peak_mb']:.2f}x for {large['images'] / small['images']:.0f}x "
-          "the data")
-
+    growth = large["worker_peak_mb"] / small["worker_peak_mb"]
+    report.line(f"\nworker peak RSS, {large['images']:,} / {small['images']:,} images: {growth:.2f}x for "
+                f"{large['images'] / small['images']:.0f}x the data")
+    report.save("stream-memory", {"rows": rows, "worker_peak_growth": growth},
+                spread="one run per split size (peak RSS is a high-water mark)")
 
 if __name__ == "__main__":
     main()

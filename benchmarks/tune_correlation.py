@@ -1,6 +1,6 @@
 """Does a tune trial's score predict the full run's quality? Rank correlation over sampled configurations.
 
-    python benchmarks/tune_correlation.py [--configs 6] [--processes 2]
+    python -m benchmarks.tune_correlation [--configs 6] [--processes 2]
 
 Draws `--configs` optimizer settings from params.yaml's tune.search_space (seeded with tune.seed) and
 trains each at the full budget on the prepared data with the plain gancore loop (train.steps at the
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from benchmarks import results
 from benchmarks.prepared_setup import PreparedSetup, train_plain
 from gancore.training import OptimizerSettings
 from pipelines.config import Distribution, Params, load_params
@@ -72,23 +73,29 @@ def main() -> None:
     SETUP = PreparedSetup.load(params)
     rng = np.random.default_rng(params.tune.seed)
     configs = [draw(params.tune.search_space, rng) for _ in range(args.configs)]
-    print(f"{args.configs} configurations from tune.search_space; trial = {params.tune.steps} steps, "
-          f"full = {params.train.steps} steps", flush=True)
+    print(f"training {args.configs} configurations, {args.processes} at a time", flush=True)
     with multiprocessing.get_context("fork").Pool(args.processes) as pool:
         jobs = [(params, config, args.every or params.tune.report_every) for config in configs]
         rows = pool.map(score_config, jobs, chunksize=1)
     keys = list(params.tune.search_space)
-    print(f"\n| {' | '.join(keys)} | trial FID at {params.tune.steps} steps | full FID |")
-    print("|" + "---|" * (len(keys) + 2))
+    report = results.Report()
+    report.line(f"{args.configs} configurations drawn from tune.search_space (seed {params.tune.seed}); trial = "
+                f"{params.tune.steps} steps, full = {params.train.steps} steps; plain gancore loop, prepared data.")
+    report.line(f"\n| {' | '.join(keys)} | trial FID at {params.tune.steps} steps | full FID |")
+    report.line("|" + "---|" * (len(keys) + 2))
     for row in sorted(rows, key=lambda row: row["full_fid"]):
-        print("| " + " | ".join(f"{row[key]:.3g}" for key in keys)
-              + f" | {row['trial_scores'].get(params.tune.steps, float('nan')):.2f} | {row['full_fid']:.2f} |")
-    print("\nSpearman rank correlation of a trial's score (FID after `steps`) with the full-budget FID:")
+        report.line("| " + " | ".join(f"{row[key]:.3g}" for key in keys)
+                    + f" | {row['trial_scores'].get(params.tune.steps, float('nan')):.2f} | {row['full_fid']:.2f} |")
+    report.line("\nSpearman rank correlation of a trial's score (FID after `steps`) with the full-budget FID:\n")
+    correlations = {}
     for steps in sorted(rows[0]["trial_scores"]):
         rho, p_value = spearmanr([row["trial_scores"][steps] for row in rows], [row["full_fid"] for row in rows])
+        correlations[steps] = {"rho": float(rho), "p": float(p_value)}
         marker = "  <- tune.steps" if steps == params.tune.steps else ""
-        print(f"  trial of {steps:5d} steps: rho = {rho:+.2f} (p = {p_value:.2f}, {len(rows)} configurations){marker}")
-
+        report.line(f"- trial of {steps:5d} steps: rho = {rho:+.2f} (p = {p_value:.2f}, {len(rows)} configurations)"
+                    f"{marker}")
+    report.save("tune-correlation", {"rows": rows, "spearman": correlations},
+                spread=f"{args.configs} configurations, one seed each (Spearman's p-value given)")
 
 if __name__ == "__main__":
     main()

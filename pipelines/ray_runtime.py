@@ -20,6 +20,10 @@ from pipelines.storage import s3_endpoint
 # Readable output on small machines: one copy of repeated worker lines, no Ray banners.
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Train's controller sees a report, a failure or a run's end only when it next polls its workers (Ray's default:
+# every 2 s), which every run pays several times; 0.5 s costs one status call per worker per poll
+# (docs/results/run-overhead.md). The driver's value is passed on to the controller, on a joined cluster too.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def init_ray() -> None:

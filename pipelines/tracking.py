@@ -51,7 +51,10 @@ def configured_tracking_uri() -> str:
     """The tracking URI as the user configured it, for committed files: MLFLOW_TRACKING_URI without credentials,
     or the default store relative to the repository (never this machine's absolute path)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return redact_credentials(uri) if uri else f"sqlite:///{DEFAULT_STORE}"
+    # mlflow.set_tracking_uri exports its URI to the environment, so the default store shows up there absolute.
+    if not uri or uri == f"sqlite:///{DEFAULT_STORE.resolve()}":
+        return f"sqlite:///{DEFAULT_STORE}"
+    return redact_credentials(uri)
 
 
 def check_server(uri: str, timeout: float = 10.0) -> None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.tracking import configured_tracking_uri
+from benchmarks import results
+from conftest import REPO
+from pipelines.tracking import configure_mlflow, configured_tracking_uri
 
 # What a machine path looks like inside a committed text file: an absolute POSIX path under a system or home root.
 MACHINE_PATH = re.compile(r"(?<![\w.])/(?:tmp|home|root|Users|work|var|opt|mnt|private)/[\w.-]+")
@@ -32,6 +34,27 @@ def test_the_recorded_tracking_uri_is_the_configured_one(monkeypatch):
     assert "s3cret" not in configured_tracking_uri() and "mlflow.example:5000" in configured_tracking_uri()
 
 
+def test_the_default_store_is_recorded_relative_after_mlflow_is_configured(monkeypatch, tmp_path):
+    """mlflow.set_tracking_uri exports the absolute store URI to the environment; the record must not take it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    configure_mlflow()
+    assert configured_tracking_uri() == "sqlite:///mlflow.db"
+
+
 @pytest.mark.parametrize("text", ["sqlite:////tmp/final/default/mlflow.db", "/home/me/repo/x.png"])
 def test_the_pattern_finds_machine_paths(text):
     assert MACHINE_PATH.search(text)
+
+
+def test_the_readme_quotes_the_result_files(monkeypatch):
+    """The README's headline block is what `python -m benchmarks.results --readme` makes of the committed result
+    files: no figure there is typed by hand or left behind by a newer file. (Which files are stale depends on the
+    clone's history, so that one line is checked by the script, not here.)"""
+    def figures(block: str) -> list[str]:
+        return [line for line in block.strip().splitlines() if not line.startswith(results.STALE_LABEL)]
+
+    monkeypatch.chdir(REPO)
+    text = (REPO / "README.md").read_text()
+    quoted = text[text.index(results.HEADLINE_START) + len(results.HEADLINE_START):text.index(results.HEADLINE_END)]
+    assert figures(quoted) == figures(results.headline()), "README.md is out of date: python -m benchmarks.results --readme"
