@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,10 +97,17 @@ def files_under(folder: Path) -> set[Path]:
     return {path for path in folder.rglob("*") if path.is_file()}
 
 
-@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_a_bad_input_ends_in_one_clear_message(case, tmp_path):
-    work, store = tmp_path / "work", tmp_path / "store"
-    work.mkdir()
+@dataclass(frozen=True)
+class Outcome:
+    finished: subprocess.CompletedProcess
+    files_before: set[Path]
+    files_after: set[Path]
+
+
+def run_case(case: Case, folder: Path) -> Outcome:
+    """The case's command in a fresh folder, with only the environment the case sets."""
+    work, store = folder / "work", folder / "store"
+    work.mkdir(parents=True)
     store.mkdir()
     if case.params_file:
         (work / case.params_file).write_text(params_text(case))
@@ -109,12 +117,28 @@ def test_a_bad_input_ends_in_one_clear_message(case, tmp_path):
     env |= {key: value.replace("{tmp}", str(store)) for key, value in case.env.items()}
     before = files_under(work)
     finished = subprocess.run(case.command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    output = finished.stdout + finished.stderr
-    assert finished.returncode == case.exit_code, output[-3000:]
-    assert case.phrase in finished.stderr, output[-3000:]
+    return Outcome(finished, before, files_under(work))
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+    """Every case, two at a time: each is a new Python process that mostly imports, one core's work."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = {name: pool.submit(run_case, case, root / f"case{number}")
+                   for number, (name, case) in enumerate(CASES.items())}
+        return {name: future.result() for name, future in running.items()}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_bad_input_ends_in_one_clear_message(name, outcomes):
+    case, outcome = CASES[name], outcomes[name]
+    output = outcome.finished.stdout + outcome.finished.stderr
+    assert outcome.finished.returncode == case.exit_code, output[-3000:]
+    assert case.phrase in outcome.finished.stderr, output[-3000:]
     assert "Traceback" not in output, "a user error is a message, not a crash:\n" + output[-3000:]
     assert SECRET_ACCESS_KEY not in output, "a credential was echoed"
-    assert files_under(work) == before, "a failed command left files behind"
+    assert outcome.files_after == outcome.files_before, "a failed command left files behind"
 
 
 def test_a_programming_error_keeps_its_traceback():
