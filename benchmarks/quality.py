@@ -2,11 +2,12 @@
 
     python -m benchmarks.quality [--seeds 0 1 2] [--name quality-mnist]
 
-Needs `dvc repro featurenet` first: everything is scored like the evaluate stage (same featurenet,
-held-out images, N and metric code). For each seed, in one invocation:
+Needs `dvc repro tune` first (the featurenet and tune's best settings): everything is scored like the
+evaluate stage (same featurenet, held-out images, N and metric code). For each seed, in one invocation:
 
-- **default**: the train stage's own Ray Train run (params.yaml as it is, train.seed = seed,
-  optimizer as given in train.*), timed from fit() to its last checkpoint;
+- **default**: the train stage's own Ray Train run (params.yaml as it is, train.seed = seed, the
+  optimizer the train stage picks: tune's best trial in results/tune/best_params.yaml), timed from fit()
+  to its last checkpoint;
 - **classic DCGAN**: a plain single-process loop of Radford et al.'s recipe as in Ray Tune's
   pbt_dcgan_mnist example (z = 100, 32 base channels, non-saturating BCE, Adam 2e-4 with betas
   (0.5, 0.999), batch 64, unconditional, no EMA), given the same wall-clock on the same cores.
@@ -33,9 +34,9 @@ from gancore.step import generate_images
 from gancore.training import OptimizerSettings
 from pipelines.artifacts import PREPARED_DIR
 from pipelines.config import Params, load_params
-from pipelines.stages.evaluate import save_grid, score
 from pipelines.ray_runtime import publish_training_data
-from pipelines.stages.train import completed_state, fit
+from pipelines.stages.evaluate import save_grid, score
+from pipelines.stages.train import completed_state, fit, tuned_optimizer
 
 CLASSIC_MODEL = {"family": "dcgan", "latent_dim": 100, "base_channels": 32, "conditional": False,
                  "loss": "non_saturating", "spectral_norm": False, "minibatch_discrimination": False,
@@ -52,7 +53,7 @@ def with_seed(params: Params, seed: int, **train: object) -> Params:
 
 def run_default(params: Params, published) -> tuple[torch.nn.Module, float]:
     """The train stage's fit() on the published shards; its EMA generator and the seconds fit() took."""
-    optimizer = params.train.optimizer()
+    optimizer = tuned_optimizer(params)
     name = f"quality-seed{params.train.seed}-{time.time_ns()}"  # never resume an old run
     started = time.perf_counter()
     state = completed_state(fit(params, *published, optimizer, name))
